@@ -1,0 +1,1 @@
+"""Weight quantization algorithms: pure functions on tensors, no model-specific code."""

@@ -1,0 +1,132 @@
+"""GPTQ (ALGORITHMS.md §2.2): column-by-column quantization with inverse-Hessian error feedback.
+
+The Hessian H = 2/N sum x^T x of the layer's calibration inputs is accumulated in fp32. Columns are
+optionally visited in act-order (descending diag H); errors are propagated lazily in blocks of
+`block_size` columns through the upper Cholesky factor of H^-1.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from mquant.numerics.args import QuantArgs, StrictModel
+from mquant.numerics.grid import dequantize, quantize
+from mquant.numerics.observers import weight_qparams
+from mquant.numerics.qweight import QuantizedWeight, codes_dtype
+
+
+class GPTQConfig(StrictModel):
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    static_groups: bool = True
+
+
+class HessianAccumulator:
+    """Running average of 2 x^T x over every row seen, kept in fp32."""
+
+    def __init__(self, columns: int) -> None:
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H *= self.rows / (self.rows + m)
+        self.rows += m
+        x = x * (2.0 / self.rows) ** 0.5
+        self.H += x.T @ x
+
+
+@dataclass
+class GPTQOutcome:
+    weight: QuantizedWeight
+    damp_used: float | None  # None when every Cholesky attempt failed and RTN was used
+    fallback_rtn: bool
+
+
+_DAMP_RETRIES = (0.1, 1.0)
+
+
+def _upper_inverse_factor(H: torch.Tensor, damps: tuple[float, ...]) -> tuple[torch.Tensor, float] | None:
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, trying each damping in turn."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for damp in damps:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info.item() != 0:
+            continue
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if info.item() == 0:
+            return U, damp
+    return None
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, cfg: GPTQConfig) -> GPTQOutcome:
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    rows, cols = W.shape
+    grouped = args.strategy == "group"
+    if grouped and cfg.act_order and not cfg.static_groups:
+        raise ValueError("act-order with groups needs static_groups (no g_idx is stored)")
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    # Scales are fixed before the loop (from the original weight, natural column order), except for
+    # dynamic groups, whose scales follow the error-updated columns.
+    scale, zero_point = weight_qparams(W, args)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(cols)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+
+    factor = _upper_inverse_factor(H, (cfg.damp, *_DAMP_RETRIES))
+    if factor is None:
+        warnings.warn("GPTQ: Cholesky failed for every damping; falling back to RTN for this layer")
+        from mquant.algorithms.rtn import rtn_quantize
+
+        return GPTQOutcome(rtn_quantize(weight, args), None, True)
+    Hinv, damp_used = factor
+
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            if grouped and not cfg.static_groups and col % args.group_size == 0:
+                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : args.group_size]
+                g_scale, g_zp = weight_qparams(current, args.model_copy(update={"strategy": "channel", "group_size": None}))
+                scale[:, col // args.group_size] = g_scale[:, 0]
+                if g_zp is not None:
+                    zero_point[:, col // args.group_size] = g_zp[:, 0]
+            s, z = _column_params(scale, zero_point, args, col, rows)
+            w = W1[:, i : i + 1]
+            q = quantize(w, s, z, args)
+            codes[:, i1 + i] = q[:, 0]
+            e = (w - dequantize(q, s, z)) / Hinv1[i, i]
+            W1[:, i:] -= e @ Hinv1[i : i + 1, i:]
+            err1[:, i] = e[:, 0]
+        W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+
+    codes = codes[:, torch.argsort(perm)]
+    return GPTQOutcome(QuantizedWeight(codes.to(codes_dtype(args)), scale, zero_point, args), damp_used, False)
+
+
+def _column_params(scale, zero_point, args: QuantArgs, col: int, rows: int):
+    """Scale/zero-point column vectors [rows, 1] that apply to original column `col`."""
+    if args.strategy == "group":
+        g = col // args.group_size
+        return scale[:, g : g + 1], None if zero_point is None else zero_point[:, g : g + 1]
+    if args.strategy == "tensor":
+        return scale.expand(rows).reshape(rows, 1), None if zero_point is None else zero_point.expand(rows).reshape(rows, 1)
+    return scale, zero_point

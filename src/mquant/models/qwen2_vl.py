@@ -1,0 +1,103 @@
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`, transformers 5.x)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+from mquant.models.spec import BlockLayout, ModelFamily, Part, Segment
+
+VISION_BLOCK = BlockLayout(
+    groups=(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",)),
+    norm_readers=(("norm1", ("attn.qkv",)), ("norm2", ("mlp.fc1",))),
+    residual_writers=("attn.proj", "mlp.fc2"),
+)
+PATCH_EMBED = BlockLayout(groups=(("proj",),), residual_writers=("proj",))
+MERGER = BlockLayout(groups=(("mlp.0",), ("mlp.2",)), residual_writers=("mlp.2",))
+DECODER_LAYER = BlockLayout(
+    groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    norm_readers=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+)
+
+
+class Qwen2VLImages:
+    """Qwen2-VL's dynamic-resolution patches via the PIL image processor (no torchvision needed)."""
+
+    def load_processor(self, path: str) -> Qwen2VLImageProcessorPil:
+        cfg = json.loads((Path(path) / "preprocessor_config.json").read_text())
+        keep = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
+        return Qwen2VLImageProcessorPil(**keep)
+
+    def make_processor(self, image_size: int) -> Qwen2VLImageProcessorPil:
+        return Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size)
+
+    def process(self, processor, images, config):
+        out = processor(images=images, return_tensors="pt")
+        merge = processor.merge_size
+        counts = [int(thw.prod()) // (merge * merge) for thw in out["image_grid_thw"]]
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
+
+
+def _mm_token_type_ids(input_ids: torch.Tensor, config) -> dict[str, torch.Tensor]:
+    # transformers 5.x needs the modality of every token to compute M-RoPE positions.
+    return {"mm_token_type_ids": (input_ids == config.image_token_id).to(torch.int32)}
+
+
+def _tiny_config(ids: dict[str, int]) -> Qwen2VLConfig:
+    # Widths deliberately not powers of two (48 = 3·16, 40 = 5·8), as in real models.
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=ids["vocab_size"], hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=2, embed_dim=40, hidden_size=48, num_heads=2, mlp_ratio=2, patch_size=14),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+FAMILY = ModelFamily(
+    name="qwen2_vl",
+    architectures=("Qwen2VLForConditionalGeneration",),
+    model_class=Qwen2VLForConditionalGeneration,
+    parts=(
+        Part("vision", (Segment("model.visual.patch_embed", PATCH_EMBED, repeated=False),
+                        Segment("model.visual.blocks", VISION_BLOCK))),
+        Part("projector", (Segment("model.visual.merger", MERGER, repeated=False),)),
+        Part("language", (Segment("model.language_model.layers", DECODER_LAYER),)),
+    ),
+    images=Qwen2VLImages(),
+    image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
+    default_chat_template=CHAT_TEMPLATE,
+    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>", "<|video_pad|>"),
+    eos_token="<|im_end|>",
+    pad_token="<|endoftext|>",
+    extra_text_inputs=_mm_token_type_ids,
+    tiny_config=_tiny_config,
+    tiny_image_size=56,
+)

@@ -1,0 +1,184 @@
+"""Recipes: what to quantize, with which bits, granularity and algorithm — typed and serializable.
+
+A recipe names a scheme per model part (vision encoder, projector, language model). A part set to
+`null` stays in floating point. Recipes round-trip through YAML/JSON; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import ValidationError, model_validator
+
+from mquant.algorithms.gptq import GPTQConfig
+from mquant.errors import MquantError
+from mquant.numerics.args import QuantArgs, StrictModel
+
+PARTS = ("vision", "projector", "language")
+
+
+class WeightScheme(QuantArgs):
+    """Weight quantization: integer grid (per-channel by default) plus the algorithm that fills it."""
+
+    strategy: Literal["tensor", "channel", "group"] = "channel"
+    num_bits: int = 4
+    clip_search: bool = True
+    algorithm: Literal["rtn", "gptq"] = "gptq"
+    gptq: GPTQConfig = GPTQConfig()
+
+    @model_validator(mode="after")
+    def _weights_only(self) -> "WeightScheme":
+        if self.dynamic:
+            raise ValueError("weights cannot be dynamic")
+        if self.strategy == "group" and self.algorithm == "gptq" and self.gptq.act_order and not self.gptq.static_groups:
+            raise ValueError("act_order with groups requires gptq.static_groups=true")
+        return self
+
+    def grid(self) -> QuantArgs:
+        """The bare integer-grid arguments (what a checkpoint or kernel needs to know)."""
+        return QuantArgs(**{k: getattr(self, k) for k in QuantArgs.model_fields})
+
+
+class PartScheme(StrictModel):
+    """Scheme of one model part. `None` weights or activations mean floating point."""
+
+    weights: WeightScheme | None = None
+    input_activations: QuantArgs | None = None
+
+    @model_validator(mode="after")
+    def _static_is_per_tensor(self) -> "PartScheme":
+        a = self.input_activations
+        if a is not None and not a.dynamic and a.strategy != "tensor":
+            raise ValueError("static activation scales are per tensor (strategy 'tensor')")
+        if a is not None and a.strategy in ("channel", "group"):
+            raise ValueError("activations are quantized per tensor (static) or per token (dynamic)")
+        return self
+
+
+class SmoothQuantConfig(StrictModel):
+    alpha: float = 0.5
+
+
+class Recipe(StrictModel):
+    name: str = "custom"
+    description: str = ""
+    version: int = 1
+    vision: PartScheme | None = None
+    projector: PartScheme | None = None
+    language: PartScheme | None = None
+    smoothquant: SmoothQuantConfig | None = None
+    # Fake-quantize activations while propagating calibration data through already-quantized
+    # blocks. Off by default, as in the reference GPTQ/MQuant code (ALGORITHMS.md §2.4).
+    propagate_activation_quant: bool = False
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _known_version(self) -> "Recipe":
+        if self.version != 1:
+            raise ValueError(f"unsupported recipe version {self.version} (this mquant reads version 1)")
+        return self
+
+    def part(self, name: str) -> PartScheme | None:
+        return getattr(self, name)
+
+    def bits_label(self, part: str) -> str:
+        scheme = self.part(part)
+        if scheme is None:
+            return "FP"
+        w = f"W{scheme.weights.num_bits}" if scheme.weights else "W16"
+        a = f"A{scheme.input_activations.num_bits}" if scheme.input_activations else "A16"
+        return w + a
+
+    # -- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise MquantError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise MquantError(f"{source}: {_one_line(exc)}") from None
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "recipe") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise MquantError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        return cls.from_dict(data, source)
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{where}'")
+        else:
+            parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+# -- presets ------------------------------------------------------------------------------------
+def _w(bits: int, algorithm: str = "gptq") -> WeightScheme:
+    return WeightScheme(num_bits=bits, algorithm=algorithm)
+
+
+def _a_static(bits: int, observer: str = "minmax") -> QuantArgs:
+    return QuantArgs(num_bits=bits, strategy="tensor", observer=observer)
+
+
+def _a_dynamic(bits: int) -> QuantArgs:
+    return QuantArgs(num_bits=bits, strategy="token", dynamic=True)
+
+
+def _everywhere(name: str, description: str, weights, acts, **extra) -> Recipe:
+    scheme = PartScheme(weights=weights, input_activations=acts)
+    return Recipe(name=name, description=description, vision=scheme, projector=scheme, language=scheme, **extra)
+
+
+def _build_presets() -> dict[str, Recipe]:
+    presets = [
+        _everywhere("rtn-w4a8", "RTN int4 per-channel weights, static per-tensor int8 activations",
+                    _w(4, "rtn"), _a_static(8)),
+        _everywhere("smoothquant-w4a8", "SmoothQuant (alpha 0.5) + RTN int4 weights, static int8 activations",
+                    _w(4, "rtn"), _a_static(8), smoothquant=SmoothQuantConfig(alpha=0.5)),
+        _everywhere("gptq-w4a16", "GPTQ int4 per-channel weights, floating-point activations", _w(4), None),
+        _everywhere("gptq-w4a8", "GPTQ int4 weights, static per-tensor int8 activations", _w(4), _a_static(8)),
+        _everywhere("gptq-w4a8-dynamic", "GPTQ int4 weights, dynamic per-token int8 activations",
+                    _w(4), _a_dynamic(8)),
+        _everywhere("gptq-w8a8", "GPTQ int8 weights, static per-tensor int8 activations", _w(8), _a_static(8)),
+        _everywhere("gptq-w4a4", "GPTQ int4 weights, static per-tensor int4 activations (MSE clip)",
+                    _w(4), _a_static(4, "mse")),
+    ]
+    return {r.name: r for r in presets}
+
+
+PRESETS: dict[str, Recipe] = _build_presets()
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A preset by name, or a recipe file (.yaml/.yml/.json)."""
+    key = str(name_or_path)
+    if key in PRESETS:
+        return PRESETS[key]
+    path = Path(key)
+    if not path.exists():
+        raise MquantError(f"unknown recipe '{key}': not a preset ({', '.join(PRESETS)}) and no such file")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MquantError(f"{path}: not valid JSON ({exc})") from None
+        return Recipe.from_dict(data, str(path))
+    return Recipe.from_yaml(text, str(path))
