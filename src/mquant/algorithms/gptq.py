@@ -29,14 +29,17 @@ class HessianAccumulator:
     """Running average of 2 x^T x over every row seen, kept in fp32."""
 
     def __init__(self, columns: int) -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.columns = columns
+        self.H: torch.Tensor | None = None  # created on the device of the first batch
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
         if m == 0:
             return
+        if self.H is None:
+            self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=x.device)
         self.H *= self.rows / (self.rows + m)
         self.rows += m
         x = x * (2.0 / self.rows) ** 0.5
@@ -56,7 +59,7 @@ _DAMP_RETRIES = (0.1, 1.0)
 def _upper_inverse_factor(H: torch.Tensor, damps: tuple[float, ...]) -> tuple[torch.Tensor, float] | None:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, trying each damping in turn."""
     mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for damp in damps:
         L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
         if info.item() != 0:
@@ -76,14 +79,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         raise ValueError("act-order with groups needs static_groups (no g_idx is stored)")
 
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H[dead, dead] = 1.0  # an input channel that is always zero: any weight there is irrelevant
     W[:, dead] = 0.0
 
     # Scales are fixed before the loop (from the original weight, natural column order), except for
     # dynamic groups, whose scales follow the error-updated columns.
     scale, zero_point = weight_qparams(W, args)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
     W = W[:, perm]
     H = H[perm][:, perm]
 
@@ -130,3 +133,11 @@ def _column_params(scale, zero_point, args: QuantArgs, col: int, rows: int):
     if args.strategy == "tensor":
         return scale.expand(rows).reshape(rows, 1), None if zero_point is None else zero_point.expand(rows).reshape(rows, 1)
     return scale, zero_point
+
+
+def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||X(W - Ŵ)ᵀ||² / ||XWᵀ||² on the calibration inputs, computed from H ∝ XᵀX."""
+    w, d = w.float(), (w.float() - w_hat.float())
+    num = ((d @ hessian) * d).sum()
+    den = ((w @ hessian) * w).sum().clamp(min=1e-30)
+    return float(num / den)

@@ -20,7 +20,7 @@ def build_tokenizer(family: ModelFamily) -> PreTrainedTokenizerFast:
     special = list(family.special_tokens)
     vocab = {token: i for i, token in enumerate(special + CHARACTERS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # "." would not split newlines
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(special)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=family.eos_token, pad_token=family.pad_token)

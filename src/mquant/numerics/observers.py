@@ -35,7 +35,7 @@ def weight_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torc
         rows = w.unsqueeze(1)  # [out, 1, in]
     else:
         rows = w.reshape(1, 1, -1)
-    best_err = torch.full(xmin.shape, float("inf"))
+    best_err = torch.full(xmin.shape, float("inf"), device=w.device)
     best_scale, best_zp = qparams_from_range(xmin, xmax, args)
     n_candidates = int(CLIP_MAX_SHRINK * CLIP_GRID)
     for i in range(n_candidates):

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, metrics and the runner that scores a model by greedy generation."""

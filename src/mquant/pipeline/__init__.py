@@ -1,0 +1,1 @@
+"""Layer-wise calibration: capture block inputs with hooks, quantize block by block, propagate."""

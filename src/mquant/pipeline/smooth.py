@@ -1,0 +1,38 @@
+"""SmoothQuant as a pre-pass: measure per-channel input maxima behind each norm, then fold."""
+
+from __future__ import annotations
+
+import torch
+
+from mquant.algorithms.smoothquant import apply_smoothing, smoothing_factors
+from mquant.models.vlm import VLM
+from mquant.runtime.patches import linear_input
+
+
+@torch.no_grad()
+def smooth_model(vlm: VLM, batches: list[dict], alpha: float, parts: list[str]) -> int:
+    """Smooth every (norm -> readers) pair that the family declares in `parts`; returns how many."""
+    pairs = []
+    for part in vlm.family.parts:
+        if part.name not in parts:
+            continue
+        for segment in part.segments:
+            for _, block in segment.blocks(vlm.model):
+                for norm, readers in segment.layout.norm_readers:
+                    pairs.append((block.get_submodule(norm), [block.get_submodule(r) for r in readers]))
+    absmax: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, (_, readers) in enumerate(pairs):
+        def hook(module, args, i=i):
+            m = linear_input(module, args[0]).abs().amax(dim=0).float()
+            absmax[i] = m if i not in absmax else torch.maximum(absmax[i], m)
+        handles.append(readers[0].register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            vlm.model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, (norm, readers) in enumerate(pairs):
+        apply_smoothing(norm, readers, smoothing_factors(absmax[i], readers, alpha))
+    return len(pairs)

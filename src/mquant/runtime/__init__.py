@@ -1,0 +1,1 @@
+"""Quantized modules: the fake-quant reference (integer backends come later)."""

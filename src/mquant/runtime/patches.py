@@ -1,0 +1,56 @@
+"""Patch convolutions (kernel == stride) viewed as linear layers on unfolded patches.
+
+The vision patch embedding of Qwen2-VL (Conv3d over 2x14x14 patches) and CLIP (Conv2d) are linear
+maps of non-overlapping patches; quantizing them means quantizing that linear map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mquant.errors import MquantError
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    kernel: tuple[int, ...]
+
+    @classmethod
+    def of(cls, conv: nn.Module) -> "PatchGeometry":
+        k, s = tuple(conv.kernel_size), tuple(conv.stride)
+        padding = conv.padding if isinstance(conv.padding, tuple) else (conv.padding,)
+        if k != s or any(padding) or any(d != 1 for d in conv.dilation) or conv.groups != 1:
+            raise MquantError(f"only patch convolutions (kernel == stride, no padding) can be quantized, got {conv}")
+        return cls(k)
+
+    def to_json(self) -> dict:
+        return {"kernel": list(self.kernel)}
+
+    def unfold(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """[B, C, *S] -> ([B, *n, C*prod(k)], n) with the channel-major order of weight.view(out, -1)."""
+        dims = len(self.kernel)
+        for d, k in enumerate(self.kernel):
+            x = x.unfold(2 + d, k, k)  # [B, C, n_1.., k_1..]
+        grid = tuple(x.shape[2 : 2 + dims])
+        order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+        x = x.permute(order)
+        return x.reshape(*x.shape[: 1 + dims], -1), grid
+
+    @staticmethod
+    def fold(y: torch.Tensor) -> torch.Tensor:
+        """[B, *n, out] -> [B, out, *n]."""
+        return y.movedim(-1, 1)
+
+
+def linear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The 2-D [rows, in_features] input that a linear or patch conv multiplies with its weight."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+        x, _ = PatchGeometry.of(module).unfold(x)
+    return x.reshape(-1, x.shape[-1])
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach().reshape(module.weight.shape[0], -1)

@@ -1,0 +1,182 @@
+"""`QuantLinear`: the fake-quant reference of a quantized linear layer (or patch convolution).
+
+Weights are stored as integer codes plus scales (packed two per byte in checkpoints when 4-bit) and
+dequantized once; activations are fake-quantized on every call with a static scale fixed at
+calibration, or dynamically per token. A call counter proves the quantizer ran.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mquant.numerics.args import QuantArgs
+from mquant.numerics.grid import dynamic_fake_quantize, fake_quantize
+from mquant.numerics.packing import pack_int4, unpack_int4
+from mquant.numerics.qweight import QuantizedWeight, codes_dtype
+from mquant.runtime.patches import PatchGeometry
+
+
+def _weight_param_shapes(args: QuantArgs, out_f: int, in_f: int) -> tuple[int, ...]:
+    if args.strategy == "tensor":
+        return (1,)
+    if args.strategy == "channel":
+        return (out_f, 1)
+    return (out_f, -(-in_f // args.group_size))
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_args: QuantArgs | None,
+        act_args: QuantArgs | None,
+        patch: PatchGeometry | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_args, self.act_args, self.patch = weight_args, act_args, patch
+        if weight_args is None:
+            self.register_buffer("weight_fp", torch.zeros(out_features, in_features))
+        else:
+            self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=codes_dtype(weight_args)))
+            shape = _weight_param_shapes(weight_args, out_features, in_features)
+            self.register_buffer("weight_scale", torch.ones(shape))
+            if not weight_args.symmetric:
+                self.register_buffer("weight_zero_point", torch.zeros(shape))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        if act_args is not None and not act_args.dynamic:
+            self.register_buffer("input_scale", torch.ones(1))
+            if not act_args.symmetric:
+                self.register_buffer("input_zero_point", torch.zeros(1))
+        self.act_quant_enabled = True
+        self.calls = 0
+        self._dequantized: torch.Tensor | None = None
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        qweight: QuantizedWeight | None,
+        act_args: QuantArgs | None,
+        input_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> "QuantLinear":
+        patch = PatchGeometry.of(module) if isinstance(module, (nn.Conv2d, nn.Conv3d)) else None
+        w = module.weight.detach().reshape(module.weight.shape[0], -1)
+        q = cls(w.shape[1], w.shape[0], module.bias is not None, qweight.args if qweight else None, act_args, patch)
+        with torch.no_grad():
+            if qweight is None:
+                q.weight_fp.copy_(w.float())
+            else:
+                q.weight_codes.copy_(qweight.q)
+                q.weight_scale.copy_(qweight.scale)
+                if qweight.zero_point is not None:
+                    q.weight_zero_point.copy_(qweight.zero_point)
+            if module.bias is not None:
+                q.bias.copy_(module.bias.detach().float())
+            if input_qparams is not None:
+                q.set_input_qparams(*input_qparams)
+        return q.to(module.weight.device)
+
+    def set_input_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        self.input_scale.copy_(scale.reshape(1))
+        if zero_point is not None:
+            self.input_zero_point.copy_(zero_point.reshape(1))
+
+    # -- weights ----------------------------------------------------------------------------------
+    def quantized_weight(self) -> QuantizedWeight | None:
+        if self.weight_args is None:
+            return None
+        zp = getattr(self, "weight_zero_point", None)
+        return QuantizedWeight(self.weight_codes, self.weight_scale, zp, self.weight_args)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective (dequantized) weight in the wrapped module's shape; model code reads
+        `.weight.dtype`/`.device` of the layers it calls, so this must exist."""
+        w = self.dequantized_weight()
+        if self.patch is None:
+            return w
+        return w.view(self.out_features, -1, *self.patch.kernel)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.weight_args is None:
+            return self.weight_fp
+        if self._dequantized is None or self._dequantized.device != self.weight_codes.device:
+            self._dequantized = self.quantized_weight().dequantize().to(self.weight_scale.device)
+        return self._dequantized
+
+    def _apply(self, fn, recurse=True):  # device moves invalidate the dequantized cache
+        self._dequantized = None
+        return super()._apply(fn, recurse)
+
+    # -- checkpoint layout: 4-bit codes are packed two per byte -------------------------------------
+    def _packs(self) -> bool:
+        return self.weight_args is not None and self.weight_args.num_bits <= 4 and self.weight_args.symmetric
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packs():
+            destination[prefix + "weight_packed"] = pack_int4(destination.pop(prefix + "weight_codes"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._packs() and prefix + "weight_packed" in state_dict:
+            state_dict[prefix + "weight_codes"] = unpack_int4(state_dict.pop(prefix + "weight_packed"), self.in_features)
+        self._dequantized = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        args = self.act_args
+        if args is None or not self.act_quant_enabled:
+            return x
+        if args.dynamic:
+            return dynamic_fake_quantize(x, args)
+        return fake_quantize(x, self.input_scale, getattr(self, "input_zero_point", None), args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.patch is not None:
+            x, _ = self.patch.unfold(x)
+        w = self.dequantized_weight()
+        y = F.linear(self.quantize_input(x).to(w.dtype), w, self.bias)
+        return self.patch.fold(y) if self.patch is not None else y
+
+    def extra_repr(self) -> str:
+        w = self.weight_args.describe() if self.weight_args else "fp"
+        a = self.act_args.describe() if self.act_args else "fp"
+        kind = f", patch={self.patch.kernel}" if self.patch else ""
+        return f"in={self.in_features}, out={self.out_features}, weights={w}, inputs={a}{kind}"
+
+    def describe(self) -> dict:
+        """What a checkpoint needs to rebuild this module before loading its tensors."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "weights": self.weight_args.model_dump() if self.weight_args else None,
+            "input_activations": self.act_args.model_dump() if self.act_args else None,
+            "patch": self.patch.to_json() if self.patch else None,
+        }
+
+    @classmethod
+    def from_description(cls, d: dict) -> "QuantLinear":
+        return cls(
+            d["in_features"], d["out_features"], d["bias"],
+            QuantArgs(**d["weights"]) if d["weights"] else None,
+            QuantArgs(**d["input_activations"]) if d["input_activations"] else None,
+            PatchGeometry(tuple(d["patch"]["kernel"])) if d["patch"] else None,
+        )
+
+
+def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def set_activation_quant(model: nn.Module, enabled: bool) -> None:
+    for _, m in quant_linears(model):
+        m.act_quant_enabled = enabled
