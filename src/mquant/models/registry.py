@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from mquant.errors import MquantError
-from mquant.models import llava, qwen2_vl
+from mquant.models import FAMILY_NAMES, llava, qwen2_vl
 from mquant.models.spec import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (qwen2_vl.FAMILY, llava.FAMILY)}
+assert tuple(FAMILIES) == FAMILY_NAMES, "keep mquant.models.FAMILY_NAMES in sync"
 
 
 def supported() -> str:

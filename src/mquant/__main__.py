@@ -1,0 +1,5 @@
+import sys
+
+from mquant.cli import main
+
+sys.exit(main())

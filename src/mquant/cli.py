@@ -1,0 +1,156 @@
+"""The `mquant` command. Thin: parse, call the API, print, write files atomically."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mquant.errors import MquantError
+
+EPILOG = "Documentation and examples: README.md of the mquant repository."
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MquantError(f"invalid --device '{device}'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MquantError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def cmd_tiny(args) -> None:
+    from mquant.models.tiny import write_tiny
+
+    out = write_tiny(args.arch, args.out, seed=args.seed)
+    print(f"wrote a tiny {args.arch} model to {out}")
+
+
+def cmd_quantize(args) -> None:
+    import mquant
+    from mquant.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.seed is not None:
+        recipe = recipe.model_copy(update={"seed": args.seed})
+    vlm = mquant.load(args.model)
+    mquant.quantize(vlm, recipe, args.calib, num_samples=args.num_calib, device=_check_device(args.device))
+    mquant.save(vlm, args.out)
+    report = vlm.quant_info["report"]
+    print(_quant_summary(report))
+    print(f"wrote {args.out} (recipe.yaml, quant_report.json, model.safetensors)")
+
+
+def _quant_summary(report: dict) -> str:
+    lines = [f"{'part':<10} {'layers':>6} {'bits':>6} {'mean weight error':>18}"]
+    for part in ("vision", "projector", "language"):
+        layers = [l for l in report["layers"] if l["part"] == part]
+        if not layers:
+            continue
+        bits = f"W{layers[0]['w_bits']}A{layers[0]['a_bits']}"
+        err = sum(l["weight_error"] for l in layers) / len(layers)
+        lines.append(f"{part:<10} {len(layers):>6} {bits:>6} {err:>18.3e}")
+    lines.append(f"calibration: {report['calibration']['num_samples']} samples from {report['calibration']['source']}; "
+                 f"total {report['timing_s']['total']:.1f} s")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> None:
+    import mquant
+    from mquant.eval.runner import evaluate
+    from mquant.fileio import write_json_atomic
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MquantError("--tasks is empty")
+    result = evaluate(mquant.load(args.model), tasks, limit=args.limit)
+    write_json_atomic(args.out, result)
+    print(f"{'task':<16} {'metric':<14} {'n':>5} {'score':>7}")
+    for name, r in result["tasks"].items():
+        print(f"{name:<16} {r['metric']:<14} {r['n']:>5} {r['score']:>7.3f}")
+    print(f"{'average':<16} {'':<14} {'':>5} {result['average']:>7.3f}")
+
+
+def cmd_recipes(args) -> None:
+    from mquant.recipe import PRESETS, load_recipe
+
+    if args.name:
+        print(load_recipe(args.name).to_yaml(), end="")
+        return
+    for name, r in PRESETS.items():
+        bits = "/".join(r.bits_label(p) for p in ("vision", "projector", "language"))
+        print(f"{name:<22} {bits:<22} {r.description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mquant import __version__
+    from mquant.models import FAMILY_NAMES
+
+    p = argparse.ArgumentParser(prog="mquant", description="Post-training quantization of multimodal LLMs.",
+                                epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"mquant {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("tiny", help="write a tiny random model of a supported family",
+                       description="Write a tiny randomly initialised model (with an offline tokenizer and "
+                                   "image processor) loadable by from_pretrained and by mquant.")
+    t.add_argument("arch", choices=FAMILY_NAMES, help="model family")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    t.set_defaults(func=cmd_tiny)
+
+    q = sub.add_parser("quantize", help="quantize a model with a recipe",
+                       description="Quantize MODEL with a recipe and write a checkpoint directory holding "
+                                   "model.safetensors, recipe.yaml and quant_report.json.")
+    q.add_argument("model", help="model directory (Hugging Face layout, safetensors)")
+    q.add_argument("--recipe", required=True, help="preset name (see `mquant recipes`) or a YAML/JSON file")
+    q.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    q.add_argument("--calib", default="synthetic",
+                   help="calibration data: 'synthetic', or a .jsonl file / folder of "
+                        '{"image": path, "text": ..., "answer": ...} lines (default synthetic)')
+    q.add_argument("--num-calib", type=int, default=64, help="number of calibration samples (default 64)")
+    q.add_argument("--device", default="cpu", help="device for the block being quantized (default cpu)")
+    q.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model on tasks",
+                       description="Evaluate a floating-point or quantized model by greedy generation.")
+    e.add_argument("model", help="model or quantized checkpoint directory")
+    e.add_argument("--tasks", required=True, help="comma-separated task names")
+    e.add_argument("--limit", type=int, default=None, help="samples per task")
+    e.add_argument("--out", required=True, help="result JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("recipes", help="list preset recipes, or print one as YAML")
+    r.add_argument("name", nargs="?", help="preset name or recipe file to print")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_transformers()
+        args.func(args)
+    except MquantError as exc:
+        print(f"mquant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mquant: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from mquant.models.tiny import write_tiny
+from mquant.models.vlm import load_pretrained
+
+FAMILIES = ["qwen2_vl", "llava"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_deterministic():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: write_tiny(f, root / f, seed=0) for f in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_vlm(tiny_dirs, family):
+    return load_pretrained(tiny_dirs[family])

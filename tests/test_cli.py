@@ -1,0 +1,61 @@
+"""The command line as users run it: subprocesses, exit codes, one-line errors, files written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def mquant(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "mquant", *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mquant {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "it/s]" not in l]
+    assert len(lines) == 1 and lines[0].startswith("mquant: error:") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
+def test_tiny_quantize_eval(arch, tmp_path):
+    tiny, quant, result = tmp_path / "t", tmp_path / "q", tmp_path / "eval.json"
+    mquant("tiny", arch, "--out", tiny, "--seed", 3)
+    out = mquant("quantize", tiny, "--recipe", "gptq-w4a8", "--out", quant, "--num-calib", 4).stdout
+    assert "language" in out and "W4A8" in out
+    for name in ("model.safetensors", "recipe.yaml", "quant_report.json", "mquant_checkpoint.json", "config.json"):
+        assert (quant / name).is_file()
+    report = json.loads((quant / "quant_report.json").read_text())
+    assert {l["part"] for l in report["layers"]} == {"vision", "projector", "language"}
+    assert all(l["w_bits"] == 4 and l["a_bits"] == 8 and l["a_scales"]["visual"] > 0 for l in report["layers"])
+    mquant("eval", quant, "--tasks", "colors", "--limit", 3, "--out", result)
+    data = json.loads(result.read_text())
+    assert data["recipe"] == "gptq-w4a8" and data["tasks"]["colors"]["n"] == 3
+    assert 0 <= data["average"] <= 1
+
+
+def test_errors_are_one_line(tmp_path):
+    assert_one_line_error(mquant("quantize", tmp_path, "--recipe", "gptq-w4a8", "--out", tmp_path / "o",
+                                 check=False), "no config.json")
+    (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
+    assert_one_line_error(mquant("quantize", tmp_path, "--recipe", "gptq-w4a8", "--out", tmp_path / "o",
+                                 check=False), "supported families")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vision:\n  weights:\n    bits: 4\n")
+    assert_one_line_error(mquant("quantize", tmp_path, "--recipe", bad, "--out", tmp_path / "o", check=False),
+                          "unknown key 'vision.weights.bits'")
+    assert_one_line_error(mquant("eval", tmp_path, "--tasks", "nope", "--out", tmp_path / "e.json",
+                                 check=False), "supported families")
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_and_recipes():
+    for cmd in ([], ["tiny"], ["quantize"], ["eval"], ["recipes"]):
+        assert mquant(*cmd, "--help").returncode == 0
+    listing = mquant("recipes").stdout
+    assert "gptq-w4a8-dynamic" in listing and "smoothquant-w4a8" in listing
+    assert "num_bits: 4" in mquant("recipes", "gptq-w4a8").stdout
