@@ -82,6 +82,18 @@ def cmd_eval(args) -> None:
     print(f"{'average':<16} {'':<14} {'':>5} {result['average']:>7.3f}")
 
 
+def cmd_demo(args) -> None:
+    from mquant.demo import run_demo
+    from mquant.zoo import EMBEDDED_MODEL
+
+    if not (EMBEDDED_MODEL / "config.json").is_file():
+        raise MquantError(f"the embedded model is missing at {EMBEDDED_MODEL}; train it with `python -m mquant.zoo.train`")
+    recipes = [r.strip() for r in args.recipes.split(",")] if args.recipes else None
+    results = run_demo(args.out, fast=args.fast, recipes=recipes, num_calib=args.num_calib)
+    print(results["table"])
+    print(f"wrote {args.out}/results.json, report.md, plot.png ({results['seconds']:.0f} s)")
+
+
 def cmd_recipes(args) -> None:
     from mquant.recipe import PRESETS, load_recipe
 
@@ -131,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="samples per task")
     e.add_argument("--out", required=True, help="result JSON file")
     e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the whole job on the embedded model: evaluate FP, every preset, report",
+                       description="Evaluate the embedded model in floating point, quantize it with every "
+                                   "preset recipe, evaluate each, and write results.json, report.md and plot.png.")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--fast", action="store_true", help="a subset of the test split (about 3 minutes)")
+    d.add_argument("--recipes", default=None, help="comma-separated recipes instead of every preset")
+    d.add_argument("--num-calib", type=int, default=64, help="calibration samples per recipe (default 64)")
+    d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("recipes", help="list preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="preset name or recipe file to print")

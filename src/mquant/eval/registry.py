@@ -1,20 +1,44 @@
-"""Named evaluation tasks and built-in calibration sources."""
+"""Named evaluation tasks (the built-in benchmark, `tsv:PATH` files) and calibration sources."""
 
 from __future__ import annotations
 
-from mquant.errors import MquantError
-from mquant.eval.tasks import COLORS_TASK, Task
+from functools import partial
 
-TASKS: dict[str, Task] = {t.name: t for t in (COLORS_TASK,)}
-DEFAULT_LIMIT = 64
+from mquant.errors import MquantError
+from mquant.eval.tasks import METRICS, Task
+from mquant.zoo import benchmark
+
+_BUILTIN = {
+    "digits": ("exact_match", 4, "read a real handwritten digit"),
+    "textread": ("vqa_accuracy", 10, "read a word or number, sometimes over a photo"),
+    "docfields": ("anls", 10, "read a named field of a rendered form"),
+    "yesno": ("mme", 4, "yes/no questions in pairs about shapes (acc, acc+)"),
+    "choice": ("option_accuracy", 4, "multiple choice with lettered options"),
+    "compare": ("exact_match", 6, "two interleaved images: which has more circles"),
+}
+
+TASKS: dict[str, Task] = {
+    name: Task(name, metric, partial(benchmark.generate, name, "test"), METRICS[metric], max_new,
+               benchmark.TEST_SIZE[name], description)
+    for name, (metric, max_new, description) in _BUILTIN.items()
+}
+BENCHMARK = tuple(TASKS)
 
 
 def get_task(name: str) -> Task:
+    if name.startswith("tsv:"):
+        from mquant.eval.tsv import tsv_task
+
+        return tsv_task(name[4:])
     if name not in TASKS:
-        raise MquantError(f"unknown task '{name}'; available: {', '.join(TASKS)}")
+        raise MquantError(f"unknown task '{name}'; available: {', '.join(TASKS)}, or tsv:PATH")
     return TASKS[name]
 
 
 def calibration_source(spec: str, num_samples: int, seed: int):
-    """A built-in calibration split for `spec`, or None when `spec` names none."""
-    return None
+    """`builtin` (alias `builtin:calib`): the benchmark's calib split, cycling over the tasks."""
+    if spec not in ("builtin", "builtin:calib"):
+        return None
+    from mquant.pipeline.calib import CalibrationSet
+
+    return CalibrationSet("builtin:calib", benchmark.mixed("calib", num_samples))

@@ -1,40 +1,44 @@
-"""Task definitions: a generator of test samples plus the metric that scores answers."""
+"""Evaluation tasks: a deterministic test-sample generator plus the metric that scores answers."""
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from PIL import Image, ImageDraw
+from mquant.eval import metrics
+from mquant.samples import Sample
 
-from mquant.eval.metrics import exact_match
-from mquant.samples import IMAGE_MARKER, Sample
+
+def _mean_score(score: Callable[[str, list[str]], float]):
+    def aggregate(predictions: list[str], samples: list[Sample]) -> dict:
+        values = [score(p, s.answers) for p, s in zip(predictions, samples)]
+        return {"score": sum(values) / len(values)}
+
+    return aggregate
+
+
+def _mme_aggregate(predictions: list[str], samples: list[Sample]) -> dict:
+    """MME-style: score = (acc + acc+) / 2, the 0-1 version of MME's acc + acc+ (max 200)."""
+    s = metrics.mme_scores(predictions, [x.answers[0] for x in samples], [x.meta["image"] for x in samples])
+    return {"score": (s["acc"] + s["acc_plus"]) / 2, **s}
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     metric: str
-    score: Callable[[str, list[str]], float]
-    make_samples: Callable[[int], list[Sample]]  # limit -> samples, deterministic
+    make_samples: Callable[[int], list[Sample]]  # limit -> the first `limit` test samples
+    aggregate: Callable[[list[str], list[Sample]], dict]  # -> {"score": float, ...extras}
     max_new_tokens: int = 8
+    default_limit: int = 200
+    description: str = field(default="", compare=False)
 
 
-_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-
-
-def _color_samples(limit: int) -> list[Sample]:
-    """Name the colour of one square on a grey background (a smoke test of the harness)."""
-    rng = random.Random("eval-colors")
-    samples = []
-    for i in range(limit):
-        color = rng.choice(list(_COLORS))
-        img = Image.new("RGB", (56, 56), (128, 128, 128))
-        x, y = rng.randrange(4, 30), rng.randrange(4, 30)
-        ImageDraw.Draw(img).rectangle((x, y, x + 20, y + 20), fill=_COLORS[color])
-        samples.append(Sample(f"colors:{i}", [img], f"{IMAGE_MARKER}\nWhat color is the square?", [color]))
-    return samples
-
-
-COLORS_TASK = Task("colors", "exact_match", exact_match, _color_samples, max_new_tokens=6)
+METRICS = {
+    "exact_match": _mean_score(metrics.exact_match),
+    "vqa_accuracy": _mean_score(metrics.vqa_accuracy),
+    "anls": _mean_score(metrics.anls),
+    "option_accuracy": _mean_score(metrics.option_accuracy),
+    "ocrbench": _mean_score(metrics.ocrbench_match),
+    "mme": _mme_aggregate,
+}

@@ -41,8 +41,10 @@ class Qwen2VLImages:
         keep = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
         return Qwen2VLImageProcessorPil(**keep)
 
-    def make_processor(self, image_size: int) -> Qwen2VLImageProcessorPil:
-        return Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size)
+    def make_processor(self, image_size: int, max_size: int | None = None) -> Qwen2VLImageProcessorPil:
+        """Images are resized (keeping aspect) to between image_size² and max_size² pixels."""
+        max_size = max_size or image_size
+        return Qwen2VLImageProcessorPil(size={"shortest_edge": image_size**2, "longest_edge": max_size**2})
 
     def process(self, processor, images, config):
         out = processor(images=images, return_tensors="pt")

@@ -1,0 +1,266 @@
+"""The built-in benchmark: seeded generators of image+question -> short answer samples.
+
+Tasks mirror what the MQuant paper reports, at the scale of a small model:
+
+| task      | like           | the model must                                          | metric        |
+|-----------|----------------|---------------------------------------------------------|---------------|
+| digits    | MNIST-in-VQA   | read a real handwritten digit (scikit-learn's digits)   | exact match   |
+| textread  | TextVQA/OCR    | read a word or number, sometimes over a real photo      | VQA accuracy  |
+| docfields | DocVQA         | find a named field in a rendered form, read its value   | ANLS          |
+| yesno     | MME            | answer yes/no on shapes, colours, counts, positions     | acc and acc+  |
+| choice    | ScienceQA      | pick the lettered option about counts/colours/positions | option letter |
+| compare   | multi-image    | compare circle counts across two interleaved images     | exact match   |
+
+Splits `train`, `calib` and `test` come from disjoint seed streams (and, for digits, disjoint pools
+of the real images); `tests/test_benchmark.py` checks the disjointness by content fingerprints.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mquant.samples import IMAGE_MARKER, Sample
+from mquant.zoo.render import (
+    COLORS, SHAPES, SIZE, draw_shape, draw_text, font, photo_canvas, place_boxes, plain_canvas,
+)
+
+SPLITS = ("train", "calib", "test")
+WORDS = (
+    "apple", "river", "stone", "cloud", "green", "house", "music", "paper", "light", "table",
+    "water", "bread", "chair", "dream", "earth", "flame", "glass", "heart", "honey", "juice",
+    "lemon", "metal", "night", "ocean", "piano", "queen", "robot", "sugar", "tiger", "voice",
+    "zebra", "cat", "dog", "sun", "map", "key", "box", "cup", "pen", "bus", "car", "sky",
+    "tree", "bird", "fish", "moon", "star", "rain", "snow", "wind", "gold", "iron", "milk",
+    "rice", "salt", "tea", "red", "blue", "pink", "gray", "open", "stop", "exit", "sale",
+)
+FIELDS = ("name", "city", "date", "total", "code", "item")
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "henry", "ivy", "jack", "kate", "leo")
+CITIES = ("paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "bern", "dakar")
+LETTERS = "ABCD"
+
+
+def _field_value(rng: random.Random, field: str) -> str:
+    if field == "name":
+        return rng.choice(NAMES)
+    if field == "city":
+        return rng.choice(CITIES)
+    if field == "date":
+        return f"{rng.randint(1, 28):02d}/{rng.randint(1, 12):02d}"
+    if field == "total":
+        return str(rng.randint(10, 999))
+    if field == "code":
+        return "".join(rng.choice("ABCDEFGHJKLMNPRSTUVWXYZ") for _ in range(2)) + str(rng.randint(10, 99))
+    return rng.choice(WORDS)
+
+
+# -- digits -----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _digit_pools() -> dict[str, list[int]]:
+    """Real handwritten digits (scikit-learn, 1797 images) split into disjoint pools."""
+    from sklearn.datasets import load_digits
+
+    n = len(load_digits().target)
+    order = list(range(n))
+    random.Random("digits-pools").shuffle(order)
+    return {"train": order[:1200], "calib": order[1200:1300], "test": order[1300:]}
+
+
+@functools.lru_cache(maxsize=None)
+def _digit_data():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target
+
+
+def gen_digits(rng: random.Random, split: str, i: int) -> list[Sample]:
+    images, targets = _digit_data()
+    index = rng.choice(_digit_pools()[split])
+    ink = (images[index] / 16.0)[..., None]  # 0 = paper, 1 = ink
+    side = rng.randint(36, 72)
+    canvas = plain_canvas(rng)
+    paper = np.asarray(canvas, dtype=np.float32)[0, 0]
+    pen = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    if np.abs(pen - paper).sum() < 250:
+        pen = 255 - paper
+    tile = Image.fromarray((paper * (1 - ink) + pen * ink).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
+    canvas.paste(tile, (rng.randint(0, SIZE - side), rng.randint(0, SIZE - side)))
+    question = f"{IMAGE_MARKER}\nWhich digit is written in the image?"
+    return [Sample(f"digits:{split}:{i}", [canvas], question, [str(int(targets[index]))], {"pool_index": index})]
+
+
+# -- textread ---------------------------------------------------------------------------------------
+def gen_textread(rng: random.Random, split: str, i: int) -> list[Sample]:
+    text = rng.choice(WORDS) if rng.random() < 0.6 else str(rng.randint(10, 99999))
+    on_photo = rng.random() < 0.4
+    canvas = photo_canvas(rng) if on_photo else plain_canvas(rng)
+    draw_text(canvas, rng, text, rng.randint(13, 22), outline=on_photo)
+    question = f"{IMAGE_MARKER}\nWhat is written in the image?"
+    return [Sample(f"textread:{split}:{i}", [canvas], question, [text] * 10, {"on_photo": on_photo})]
+
+
+# -- docfields --------------------------------------------------------------------------------------
+def gen_docfields(rng: random.Random, split: str, i: int) -> list[Sample]:
+    fields = rng.sample(FIELDS, 4)
+    values = [_field_value(rng, f) for f in fields]
+    canvas = Image.new("RGB", (SIZE, SIZE), tuple(rng.randint(225, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(canvas)
+    f = font(12)
+    ink = tuple(rng.randint(0, 70) for _ in range(3))
+    top, row_h, split_x = rng.randint(4, 14), 22, rng.randint(44, 52)
+    draw.rectangle((2, top, SIZE - 3, top + 4 * row_h), outline=ink)
+    for r, (name, value) in enumerate(zip(fields, values)):
+        y = top + r * row_h
+        if r:
+            draw.line((2, y, SIZE - 3, y), fill=ink)
+        draw.text((5, y + 4), name.capitalize(), font=f, fill=ink)
+        draw.text((split_x + 4, y + 4), value, font=f, fill=ink)
+    draw.line((split_x, top, split_x, top + 4 * row_h), fill=ink)
+    k = rng.randrange(4)
+    question = f"{IMAGE_MARKER}\nWhat is the {fields[k]} in the form?"
+    return [Sample(f"docfields:{split}:{i}", [canvas], question, [values[k]], {"field": fields[k]})]
+
+
+# -- scenes of shapes (yesno, choice, compare) ------------------------------------------------------
+def _scene(rng: random.Random, n: int, distinct: bool = True):
+    """`n` shapes with (colour, shape) pairs distinct when asked, drawn on a plain light canvas."""
+    while True:
+        boxes = place_boxes(rng, [rng.randint(16, 26) for _ in range(n)])
+        if boxes is not None:
+            break
+    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n) if distinct else \
+        [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(n)]
+    canvas = plain_canvas(rng, light=True)
+    draw = ImageDraw.Draw(canvas)
+    objects = []
+    for box, (color, shape) in zip(boxes, pairs):
+        draw_shape(draw, shape, box, COLORS[color])
+        objects.append({"color": color, "shape": shape, "x": (box[0] + box[2]) / 2, "y": (box[1] + box[3]) / 2})
+    return canvas, objects
+
+
+def _absent(rng: random.Random, objects: list[dict]) -> tuple[str, str]:
+    present = {(o["color"], o["shape"]) for o in objects}
+    return rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
+
+
+def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
+    """One image, two questions: one whose answer is yes and one whose answer is no."""
+    canvas, objects = _scene(rng, rng.randint(2, 4))
+    kind = rng.choice(("exist", "count", "position"))
+    if kind == "exist":
+        o = rng.choice(objects)
+        c, s = _absent(rng, objects)
+        yes, no = f"Is there a {o['color']} {o['shape']}?", f"Is there a {c} {s}?"
+    elif kind == "count":
+        n = len(objects)
+        wrong = rng.choice([k for k in range(1, 6) if k != n])
+        yes, no = f"Are there exactly {n} shapes?", f"Are there exactly {wrong} shapes?"
+    else:
+        a, b = sorted(rng.sample(objects, 2), key=lambda o: o["x"])
+        if abs(a["x"] - b["x"]) < 8:  # too close to call: ask about existence instead
+            return gen_yesno(rng, split, i)
+        da, db = f"the {a['color']} {a['shape']}", f"the {b['color']} {b['shape']}"
+        yes, no = f"Is {da} left of {db}?", f"Is {db} left of {da}?"
+    suffix = " Answer yes or no."
+    return [
+        Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"], {"image": i}),
+        Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"], {"image": i}),
+    ]
+
+
+def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
+    kind = rng.choice(("count", "color", "top"))
+    if kind == "count":
+        shape = rng.choice(SHAPES)
+        n = rng.randint(1, 5)
+        canvas, objects = _scene(rng, n, distinct=False)
+        # Recolour nothing: count only shapes of the asked kind.
+        n_asked = sum(o["shape"] == shape for o in objects)
+        question = f"How many {shape}s are in the image?"
+        correct = str(n_asked)
+        options = [correct] + rng.sample([str(k) for k in range(0, 7) if str(k) != correct], 3)
+    elif kind == "color":
+        canvas, objects = _scene(rng, rng.randint(1, 3))
+        o = rng.choice(objects)
+        question = f"What color is the {o['shape']}?"
+        same_shape = {x["color"] for x in objects if x["shape"] == o["shape"]}
+        if len(same_shape) > 1:
+            return gen_choice(rng, split, i)
+        correct = o["color"]
+        options = [correct] + rng.sample([c for c in COLORS if c != correct], 3)
+    else:
+        canvas, objects = _scene(rng, 3)
+        objects.sort(key=lambda o: o["y"])
+        if objects[1]["y"] - objects[0]["y"] < 8:
+            return gen_choice(rng, split, i)
+        question = "Which shape is closest to the top?"
+        names = [f"{o['color']} {o['shape']}" for o in objects]
+        correct = names[0]
+        others = names[1:] + [f"{c} {s}" for c, s in [_absent(rng, objects)]]
+        options = [correct] + others
+    rng.shuffle(options)
+    letter = LETTERS[options.index(correct)]
+    lines = "\n".join(f"{LETTERS[k]}. {opt}" for k, opt in enumerate(options))
+    text = f"{IMAGE_MARKER}\n{question}\n{lines}\nAnswer with the option's letter."
+    return [Sample(f"choice:{split}:{i}", [canvas], text, [letter], {"options": options})]
+
+
+def gen_compare(rng: random.Random, split: str, i: int) -> list[Sample]:
+    """Two images interleaved with text: which has more circles?"""
+    a = rng.randint(1, 5)
+    b = rng.choice([k for k in range(1, 6) if k != a])
+    images = []
+    for n in (a, b):
+        while True:
+            boxes = place_boxes(rng, [rng.randint(14, 22) for _ in range(n)])
+            if boxes is not None:
+                break
+        canvas = plain_canvas(rng, light=True)
+        draw = ImageDraw.Draw(canvas)
+        color = rng.choice(list(COLORS))
+        for box in boxes:
+            draw_shape(draw, "circle", box, COLORS[color])
+        images.append(canvas)
+    text = (f"Image 1: {IMAGE_MARKER}\nImage 2: {IMAGE_MARKER}\n"
+            "Which image has more circles? Answer first or second.")
+    return [Sample(f"compare:{split}:{i}", images, text, ["first" if a > b else "second"], {"counts": [a, b]})]
+
+
+GENERATORS: dict[str, Callable[[random.Random, str, int], list[Sample]]] = {
+    "digits": gen_digits, "textread": gen_textread, "docfields": gen_docfields,
+    "yesno": gen_yesno, "choice": gen_choice, "compare": gen_compare,
+}
+TEST_SIZE = {"digits": 200, "textread": 200, "docfields": 200, "yesno": 200, "choice": 200, "compare": 200}
+
+
+def generate(task: str, split: str, n: int, seed: int = 0) -> list[Sample]:
+    """The first `n` samples of a task's split (yes/no questions come in pairs: `n` counts questions).
+
+    Deterministic: sample i depends only on (task, split, seed, i).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    out: list[Sample] = []
+    i = 0
+    while len(out) < n:
+        out += draw(task, split, i, seed)
+        i += 1
+    return out[:n]
+
+
+def draw(task: str, split: str, i: int, seed: int = 0) -> list[Sample]:
+    """Item `i` of a task's split (two samples for yes/no pairs, otherwise one)."""
+    return GENERATORS[task](random.Random(f"{task}/{split}/{seed}/{i}"), split, i)
+
+
+def mixed(split: str, n: int, seed: int = 0) -> list[Sample]:
+    """`n` samples cycling over the tasks (for calibration)."""
+    per_task = -(-n // len(GENERATORS))
+    pools = {t: generate(t, split, per_task, seed) for t in GENERATORS}
+    return [pools[t][k] for k in range(per_task) for t in GENERATORS][:n]

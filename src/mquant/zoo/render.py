@@ -1,0 +1,98 @@
+"""Drawing helpers for the benchmark: canvases (plain or real photos), text, shapes."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = 112  # every benchmark image is SIZE x SIZE: 4 x 4 visual tokens of 28 x 28 pixels
+
+COLORS = {
+    "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
+    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+@functools.lru_cache(maxsize=None)
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font: identical on every machine with the same Pillow."""
+    return ImageFont.load_default(size=size)
+
+
+@functools.lru_cache(maxsize=None)
+def _photos() -> tuple[np.ndarray, ...]:
+    """Real photographs bundled with scikit-image (no download)."""
+    import skimage.data as data
+
+    photos = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+                 "camera", "coins", "moon"):
+        img = getattr(data, name)()
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        photos.append(img[..., :3])
+    return tuple(photos)
+
+
+def photo_canvas(rng: random.Random, size: int = SIZE) -> Image.Image:
+    """A random crop of a real photo, resized to `size`."""
+    photo = rng.choice(_photos())
+    h, w = photo.shape[:2]
+    side = rng.randint(min(h, w) // 3, min(h, w))
+    y, x = rng.randint(0, h - side), rng.randint(0, w - side)
+    return Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.Resampling.BILINEAR)
+
+
+def plain_canvas(rng: random.Random, size: int = SIZE, light: bool | None = None) -> Image.Image:
+    light = rng.random() < 0.7 if light is None else light
+    lo, hi = (185, 255) if light else (0, 70)
+    return Image.new("RGB", (size, size), tuple(rng.randint(lo, hi) for _ in range(3)))
+
+
+def contrasting(rng: random.Random, background: Image.Image, box: tuple[int, int, int, int]):
+    """A text colour and outline colour that stand out against the region `box` of `background`."""
+    region = np.asarray(background.crop(box), dtype=np.float32)
+    luminance = float(region.mean()) if region.size else 128.0
+    if luminance > 128:
+        return tuple(rng.randint(0, 90) for _ in range(3)), (255, 255, 255)
+    return tuple(rng.randint(170, 255) for _ in range(3)), (0, 0, 0)
+
+
+def draw_text(img: Image.Image, rng: random.Random, text: str, size: int, outline: bool) -> None:
+    """Draw `text` at a random position where it fits entirely."""
+    f = font(size)
+    left, top, right, bottom = f.getbbox(text)
+    w, h = right - left, bottom - top
+    x = rng.randint(1, max(1, img.width - w - 2)) - left
+    y = rng.randint(1, max(1, img.height - h - 2)) - top
+    fill, stroke = contrasting(rng, img, (x + left, y + top, x + right, y + bottom))
+    ImageDraw.Draw(img).text((x, y), text, font=f, fill=fill, stroke_width=1 if outline else 0, stroke_fill=stroke)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def place_boxes(rng: random.Random, sizes: list[int], area: int = SIZE, gap: int = 3) -> list[tuple] | None:
+    """Non-overlapping square boxes of the given sizes, or None if they did not fit."""
+    boxes: list[tuple[int, int, int, int]] = []
+    for s in sizes:
+        for _ in range(200):
+            x, y = rng.randint(2, area - s - 2), rng.randint(2, area - s - 2)
+            box = (x, y, x + s, y + s)
+            if all(x + s + gap <= b[0] or b[2] + gap <= x or y + s + gap <= b[1] or b[3] + gap <= y for b in boxes):
+                boxes.append(box)
+                break
+        else:
+            return None
+    return boxes
