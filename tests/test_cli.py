@@ -32,9 +32,9 @@ def test_tiny_quantize_eval(arch, tmp_path):
     report = json.loads((quant / "quant_report.json").read_text())
     assert {l["part"] for l in report["layers"]} == {"vision", "projector", "language"}
     assert all(l["w_bits"] == 4 and l["a_bits"] == 8 and l["a_scales"]["visual"] > 0 for l in report["layers"])
-    mquant("eval", quant, "--tasks", "colors", "--limit", 3, "--out", result)
+    mquant("eval", quant, "--tasks", "digits,yesno", "--limit", 3, "--out", result)
     data = json.loads(result.read_text())
-    assert data["recipe"] == "gptq-w4a8" and data["tasks"]["colors"]["n"] == 3
+    assert data["recipe"] == "gptq-w4a8" and data["tasks"]["digits"]["n"] == 3 and data["tasks"]["yesno"]["n"] == 3
     assert 0 <= data["average"] <= 1
 
 

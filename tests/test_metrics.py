@@ -13,8 +13,8 @@ from mquant.eval.tsv import tsv_task
 
 def test_vqa_normalize():
     assert m.vqa_normalize("The Two dogs!") == "2 dogs"
-    assert m.vqa_normalize("It's 3.5 m.") == "it's 3.5 m"
-    assert m.vqa_normalize("dont") == "don't"
+    assert m.vqa_normalize("It's 3.5 m.") == "its 3.5 m"  # decimal point kept, final period dropped
+    assert m.vqa_normalize("dont") == m.vqa_normalize("don't") == "don't"
     assert m.vqa_normalize("  A  cat\n") == "cat"
 
 

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from mquant.errors import MquantError
-from mquant.eval.tasks import COLORS_TASK
+from mquant.eval.registry import get_task
 from mquant.models.registry import family_for_architectures
 from mquant.models.vlm import load_pretrained
 from mquant.pipeline.calib import synthetic_samples
@@ -41,7 +41,7 @@ def test_placeholders_expand_to_visual_token_count(tiny_vlm):
 
 
 def test_mismatched_image_markers_are_rejected(tiny_vlm):
-    sample = COLORS_TASK.make_samples(1)[0]
+    sample = get_task("digits").make_samples(1)[0]
     sample.images = sample.images * 2
     with pytest.raises(ValueError, match="2 images"):
         tiny_vlm.encode([sample])

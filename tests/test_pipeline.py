@@ -7,7 +7,7 @@ from torch import nn
 import mquant
 from mquant.errors import MquantError
 from mquant.eval.runner import evaluate
-from mquant.eval.tasks import COLORS_TASK
+from mquant.eval.registry import get_task
 from mquant.models.vlm import load_pretrained
 from mquant.pipeline.calib import synthetic_samples
 from mquant.pipeline.smooth import smooth_model
@@ -63,7 +63,7 @@ def test_report_lists_every_quantized_linear(tiny_dirs, family):
 
 def test_quantized_logits_differ_but_stay_close(tiny_dirs, family):
     fp = load_pretrained(tiny_dirs[family])
-    samples = COLORS_TASK.make_samples(3)
+    samples = get_task("digits").make_samples(3)
     ref = [fp.logits(s) for s in samples]
 
     def rel_error(recipe):
@@ -82,7 +82,7 @@ def test_every_preset_runs_and_activates_quantizers(tiny_dirs, recipe):
     layers = quant_linears(q.model)
     assert layers and all(m.act_quant_enabled for _, m in layers)
     scheme = PRESETS[recipe].language
-    sample = COLORS_TASK.make_samples(1)[0]
+    sample = get_task("digits").make_samples(1)[0]
     for _, m in layers:
         m.calls = 0
     q.logits(sample)
@@ -92,7 +92,7 @@ def test_every_preset_runs_and_activates_quantizers(tiny_dirs, recipe):
 
 
 def test_dynamic_activations_differ_from_static(tiny_dirs):
-    sample = COLORS_TASK.make_samples(1)[0]
+    sample = get_task("digits").make_samples(1)[0]
     static = _quantize(tiny_dirs["llava"], "gptq-w4a8").logits(sample)
     dynamic = _quantize(tiny_dirs["llava"], "gptq-w4a8-dynamic").logits(sample)
     assert not torch.equal(static, dynamic)
@@ -150,7 +150,7 @@ def test_smoothquant_preserves_the_fp_function(tiny_dirs, family):
 
 def test_guard_rejects_inactive_quantization(tiny_dirs):
     q = _quantize(tiny_dirs["qwen2_vl"], n=2)
-    batch = q.encode(COLORS_TASK.make_samples(1))
+    batch = q.encode(get_task("digits").make_samples(1))
     logits = q.model(**batch).logits
     with pytest.raises(MquantError, match="bit for bit"):
         verify_quantized(q.model, batch, logits)
@@ -160,7 +160,7 @@ def test_guard_rejects_inactive_quantization(tiny_dirs):
 
 
 def test_evaluation_refuses_calibration_samples(tiny_dirs, tmp_path):
-    samples = COLORS_TASK.make_samples(3)
+    samples = get_task("digits").make_samples(3)
     lines = []
     for s in samples:
         s.images[0].save(tmp_path / f"{s.id.replace(':', '_')}.png")
@@ -170,4 +170,4 @@ def test_evaluation_refuses_calibration_samples(tiny_dirs, tmp_path):
                         progress=False)
     assert q.quant_info["report"]["calibration"]["source"] == str(tmp_path)
     with pytest.raises(MquantError, match="used for calibration"):
-        evaluate(q, ["colors"], limit=5, progress=False)
+        evaluate(q, ["digits"], limit=5, progress=False)
