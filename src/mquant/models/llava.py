@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.clip import CLIPImageProcessorPil
 
+from mquant.models.layouts import DECODER_LAYER, processor_from_dir
 from mquant.models.spec import BlockLayout, ModelFamily, Part, Segment
 
 CLIP_LAYER = BlockLayout(
@@ -19,28 +17,13 @@ CLIP_LAYER = BlockLayout(
 )
 CLIP_EMBEDDINGS = BlockLayout(groups=(("patch_embedding",),), residual_writers=("patch_embedding",))
 PROJECTOR = BlockLayout(groups=(("linear_1",), ("linear_2",)), residual_writers=("linear_2",))
-DECODER_LAYER = BlockLayout(
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    norm_readers=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
-    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
-)
 
 
 class ClipImages:
     """Fixed-resolution CLIP preprocessing via the PIL image processor."""
 
     def load_processor(self, path: str) -> CLIPImageProcessorPil:
-        cfg = json.loads((Path(path) / "preprocessor_config.json").read_text())
-        keep = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
-        return CLIPImageProcessorPil(**keep)
+        return processor_from_dir(CLIPImageProcessorPil, path)
 
     def make_processor(self, image_size: int) -> CLIPImageProcessorPil:
         return CLIPImageProcessorPil(size={"shortest_edge": image_size},

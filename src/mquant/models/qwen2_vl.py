@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
+from mquant.models.layouts import DECODER_LAYER, processor_from_dir
 from mquant.models.spec import BlockLayout, ModelFamily, Part, Segment
 
 VISION_BLOCK = BlockLayout(
@@ -18,28 +16,13 @@ VISION_BLOCK = BlockLayout(
 )
 PATCH_EMBED = BlockLayout(groups=(("proj",),), residual_writers=("proj",))
 MERGER = BlockLayout(groups=(("mlp.0",), ("mlp.2",)), residual_writers=("mlp.2",))
-DECODER_LAYER = BlockLayout(
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    norm_readers=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
-    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
-)
 
 
 class Qwen2VLImages:
     """Qwen2-VL's dynamic-resolution patches via the PIL image processor (no torchvision needed)."""
 
     def load_processor(self, path: str) -> Qwen2VLImageProcessorPil:
-        cfg = json.loads((Path(path) / "preprocessor_config.json").read_text())
-        keep = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
-        return Qwen2VLImageProcessorPil(**keep)
+        return processor_from_dir(Qwen2VLImageProcessorPil, path)
 
     def make_processor(self, image_size: int, max_size: int | None = None) -> Qwen2VLImageProcessorPil:
         """Images are resized (keeping aspect) to between image_size² and max_size² pixels."""
@@ -58,20 +41,28 @@ def _mm_token_type_ids(input_ids: torch.Tensor, config) -> dict[str, torch.Tenso
     return {"mm_token_type_ids": (input_ids == config.image_token_id).to(torch.int32)}
 
 
-def _tiny_config(ids: dict[str, int]) -> Qwen2VLConfig:
-    # Widths deliberately not powers of two (48 = 3·16, 40 = 5·8), as in real models.
+def small_config(ids: dict[str, int], *, hidden: int, intermediate: int, layers: int, heads: int,
+                 kv_heads: int, mrope_section: list[int], vision: dict) -> Qwen2VLConfig:
+    """A small Qwen2-VL config for the offline character tokenizer's special-token ids `ids`."""
     return Qwen2VLConfig(
         text_config=dict(
-            vocab_size=ids["vocab_size"], hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
+            vocab_size=ids["vocab_size"], hidden_size=hidden, intermediate_size=intermediate,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=2, embed_dim=40, hidden_size=48, num_heads=2, mlp_ratio=2, patch_size=14),
+        vision_config=dict(hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
+
+
+def _tiny_config(ids: dict[str, int]) -> Qwen2VLConfig:
+    # Widths deliberately not powers of two (48 = 3·16, 40 = 5·8), as in real models.
+    return small_config(ids, hidden=48, intermediate=96, layers=2, heads=4, kv_heads=2, mrope_section=[2, 2, 2],
+                        vision=dict(depth=2, embed_dim=40, num_heads=2, mlp_ratio=2))
 
 
 CHAT_TEMPLATE = (

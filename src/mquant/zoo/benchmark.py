@@ -82,14 +82,13 @@ def gen_digits(rng: random.Random, split: str, i: int) -> list[Sample]:
     images, targets = _digit_data()
     index = rng.choice(_digit_pools()[split])
     ink = (images[index] / 16.0)[..., None]  # 0 = paper, 1 = ink
-    side = rng.randint(36, 72)
-    canvas = plain_canvas(rng)
+    side = rng.randint(48, 56)  # about 2 x 2 visual tokens, near the centre
+    canvas = plain_canvas(rng, light=True)
     paper = np.asarray(canvas, dtype=np.float32)[0, 0]
-    pen = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
-    if np.abs(pen - paper).sum() < 250:
-        pen = 255 - paper
+    pen = np.array([rng.randint(0, 110) for _ in range(3)], dtype=np.float32)
     tile = Image.fromarray((paper * (1 - ink) + pen * ink).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
-    canvas.paste(tile, (rng.randint(0, SIZE - side), rng.randint(0, SIZE - side)))
+    corner = (SIZE - side) // 2
+    canvas.paste(tile, (corner + rng.randint(-4, 4), corner + rng.randint(-4, 4)))
     question = f"{IMAGE_MARKER}\nWhich digit is written in the image?"
     return [Sample(f"digits:{split}:{i}", [canvas], question, [str(int(targets[index]))], {"pool_index": index})]
 
@@ -99,7 +98,7 @@ def gen_textread(rng: random.Random, split: str, i: int) -> list[Sample]:
     text = rng.choice(WORDS) if rng.random() < 0.6 else str(rng.randint(10, 99999))
     on_photo = rng.random() < 0.4
     canvas = photo_canvas(rng) if on_photo else plain_canvas(rng)
-    draw_text(canvas, rng, text, rng.randint(13, 22), outline=on_photo)
+    draw_text(canvas, rng, text, rng.randint(15, 18), outline=on_photo)
     question = f"{IMAGE_MARKER}\nWhat is written in the image?"
     return [Sample(f"textread:{split}:{i}", [canvas], question, [text] * 10, {"on_photo": on_photo})]
 
@@ -110,17 +109,17 @@ def gen_docfields(rng: random.Random, split: str, i: int) -> list[Sample]:
     values = [_field_value(rng, f) for f in fields]
     canvas = Image.new("RGB", (SIZE, SIZE), tuple(rng.randint(225, 255) for _ in range(3)))
     draw = ImageDraw.Draw(canvas)
-    f = font(12)
+    f = font(13)
     ink = tuple(rng.randint(0, 70) for _ in range(3))
-    top, row_h, split_x = rng.randint(4, 14), 22, rng.randint(44, 52)
-    draw.rectangle((2, top, SIZE - 3, top + 4 * row_h), outline=ink)
+    top, row_h, split_x = 0, 28, 50  # one table row per row of visual tokens
+    draw.rectangle((1, top + 1, SIZE - 2, top + 4 * row_h - 2), outline=ink)
     for r, (name, value) in enumerate(zip(fields, values)):
         y = top + r * row_h
         if r:
             draw.line((2, y, SIZE - 3, y), fill=ink)
-        draw.text((5, y + 4), name.capitalize(), font=f, fill=ink)
-        draw.text((split_x + 4, y + 4), value, font=f, fill=ink)
-    draw.line((split_x, top, split_x, top + 4 * row_h), fill=ink)
+        draw.text((5, y + 8), name.capitalize(), font=f, fill=ink)
+        draw.text((split_x + 4, y + 8), value, font=f, fill=ink)
+    draw.line((split_x, top + 1, split_x, top + 4 * row_h - 2), fill=ink)
     k = rng.randrange(4)
     question = f"{IMAGE_MARKER}\nWhat is the {fields[k]} in the form?"
     return [Sample(f"docfields:{split}:{i}", [canvas], question, [values[k]], {"field": fields[k]})]
@@ -129,10 +128,7 @@ def gen_docfields(rng: random.Random, split: str, i: int) -> list[Sample]:
 # -- scenes of shapes (yesno, choice, compare) ------------------------------------------------------
 def _scene(rng: random.Random, n: int, distinct: bool = True):
     """`n` shapes with (colour, shape) pairs distinct when asked, drawn on a plain light canvas."""
-    while True:
-        boxes = place_boxes(rng, [rng.randint(16, 26) for _ in range(n)])
-        if boxes is not None:
-            break
+    boxes = place_boxes(rng, [rng.randint(16, 24) for _ in range(n)])
     pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n) if distinct else \
         [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(n)]
     canvas = plain_canvas(rng, light=True)
@@ -217,10 +213,7 @@ def gen_compare(rng: random.Random, split: str, i: int) -> list[Sample]:
     b = rng.choice([k for k in range(1, 6) if k != a])
     images = []
     for n in (a, b):
-        while True:
-            boxes = place_boxes(rng, [rng.randint(14, 22) for _ in range(n)])
-            if boxes is not None:
-                break
+        boxes = place_boxes(rng, [rng.randint(14, 22) for _ in range(n)])
         canvas = plain_canvas(rng, light=True)
         draw = ImageDraw.Draw(canvas)
         color = rng.choice(list(COLORS))

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 112  # every benchmark image is SIZE x SIZE: 4 x 4 visual tokens of 28 x 28 pixels
+CELL = 28  # one visual token covers one CELL x CELL square; layouts align content to these cells
 
 COLORS = {
     "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
@@ -63,12 +64,13 @@ def contrasting(rng: random.Random, background: Image.Image, box: tuple[int, int
 
 
 def draw_text(img: Image.Image, rng: random.Random, text: str, size: int, outline: bool) -> None:
-    """Draw `text` at a random position where it fits entirely."""
+    """Draw `text` on a random row of visual-token cells, starting near the left edge."""
     f = font(size)
     left, top, right, bottom = f.getbbox(text)
     w, h = right - left, bottom - top
-    x = rng.randint(1, max(1, img.width - w - 2)) - left
-    y = rng.randint(1, max(1, img.height - h - 2)) - top
+    row = rng.randrange(img.height // CELL)
+    x = rng.randint(2, max(2, min(10, img.width - w - 2))) - left
+    y = row * CELL + (CELL - h) // 2 + rng.randint(-2, 2) - top
     fill, stroke = contrasting(rng, img, (x + left, y + top, x + right, y + bottom))
     ImageDraw.Draw(img).text((x, y), text, font=f, fill=fill, stroke_width=1 if outline else 0, stroke_fill=stroke)
 
@@ -83,16 +85,14 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
 
 
-def place_boxes(rng: random.Random, sizes: list[int], area: int = SIZE, gap: int = 3) -> list[tuple] | None:
-    """Non-overlapping square boxes of the given sizes, or None if they did not fit."""
-    boxes: list[tuple[int, int, int, int]] = []
-    for s in sizes:
-        for _ in range(200):
-            x, y = rng.randint(2, area - s - 2), rng.randint(2, area - s - 2)
-            box = (x, y, x + s, y + s)
-            if all(x + s + gap <= b[0] or b[2] + gap <= x or y + s + gap <= b[1] or b[3] + gap <= y for b in boxes):
-                boxes.append(box)
-                break
-        else:
-            return None
+def place_boxes(rng: random.Random, sizes: list[int], area: int = SIZE) -> list[tuple]:
+    """Square boxes of the given sizes, each inside its own random cell of the visual-token grid
+    (jittered within the cell), so no two shapes overlap."""
+    per_side = area // CELL
+    cells = rng.sample(range(per_side * per_side), len(sizes))
+    boxes = []
+    for cell, s in zip(cells, sizes):
+        cx, cy = (cell % per_side) * CELL, (cell // per_side) * CELL
+        x, y = cx + rng.randint(1, CELL - s - 1), cy + rng.randint(1, CELL - s - 1)
+        boxes.append((x, y, x + s, y + s))
     return boxes

@@ -1,0 +1,1 @@
+"""Function-preserving transforms: Hadamard rotations, norm fusion, LN→RMSNorm, online Hadamard."""
