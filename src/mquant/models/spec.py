@@ -89,6 +89,9 @@ class ModelFamily:
     extra_text_inputs: Callable[[torch.Tensor, Any], dict[str, torch.Tensor]] = field(
         default=lambda input_ids, config: {}
     )
+    # The language model's final norm and output head (the head reads the residual stream).
+    final_norm: str = "model.language_model.norm"
+    lm_head: str = "lm_head"
     tiny_config: Callable[[dict[str, int]], Any] | None = None
     tiny_image_size: int = 56
 

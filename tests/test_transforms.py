@@ -1,0 +1,39 @@
+"""Function-preserving transforms: checked against the original model's logits and generations."""
+
+import torch
+
+from mquant.models.vlm import load_pretrained
+from mquant.pipeline.calib import synthetic_samples
+from mquant.transforms.fuse_norms import fold_norm_gains, is_rms_norm
+
+
+def _assert_same_function(a, b, samples):
+    for s in samples:
+        la, lb = a.logits(s, with_answer=True), b.logits(s, with_answer=True)
+        assert ((la - lb).abs().max() / la.abs().max()).item() <= 1e-4
+    assert a.generate(samples, 6) == b.generate(samples, 6)
+
+
+def test_folding_rms_norm_gains_preserves_the_model(tiny_dirs, family):
+    reference = load_pretrained(tiny_dirs[family])
+    folded = load_pretrained(tiny_dirs[family])
+    n = fold_norm_gains(folded.model, folded.family)
+    layers = len(folded.family.part("language").segments[0].blocks(folded.model))
+    assert n == 2 * layers + 1
+    for name, module in folded.model.named_modules():
+        if is_rms_norm(module) and "language_model" in name:
+            assert torch.all(module.weight == 1)
+    _assert_same_function(reference, folded, synthetic_samples(4, 5))
+
+
+def test_tied_head_is_untied_before_folding(tiny_dirs):
+    vlm = load_pretrained(tiny_dirs["qwen2_vl"])
+    embed = vlm.model.get_input_embeddings()
+    vlm.model.lm_head.weight = embed.weight  # tie, as Qwen2-VL-2B does
+    before = embed.weight.detach().clone()
+    reference_logits = vlm.logits(synthetic_samples(1, 2)[0])
+    fold_norm_gains(vlm.model, vlm.family)
+    assert torch.equal(embed.weight, before)  # the embedding itself is untouched
+    assert vlm.model.lm_head.weight is not embed.weight
+    after = vlm.logits(synthetic_samples(1, 2)[0])
+    assert ((after - reference_logits).abs().max() / reference_logits.abs().max()).item() <= 1e-4
