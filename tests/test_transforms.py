@@ -37,3 +37,28 @@ def test_tied_head_is_untied_before_folding(tiny_dirs):
     assert vlm.model.lm_head.weight is not embed.weight
     after = vlm.logits(synthetic_samples(1, 2)[0])
     assert ((after - reference_logits).abs().max() / reference_logits.abs().max()).item() <= 1e-4
+
+
+def test_language_rotation_preserves_the_model(tiny_dirs, family):
+    from mquant.transforms.rotate import random_hadamard, rotate_language_stream
+
+    reference = load_pretrained(tiny_dirs[family])
+    rotated = load_pretrained(tiny_dirs[family])
+    fold_norm_gains(rotated.model, rotated.family)
+    hidden = rotated.config.text_config.hidden_size
+    Q = random_hadamard(hidden, seed=42)
+    assert torch.allclose(Q @ Q.T, torch.eye(hidden, dtype=torch.float64), atol=1e-12)
+    before = rotated.model.lm_head.weight.detach().clone()
+    rotate_language_stream(rotated.model, rotated.family, Q)
+    assert not torch.allclose(before, rotated.model.lm_head.weight)  # the weights really moved
+    _assert_same_function(reference, rotated, synthetic_samples(4, 6))
+
+
+def test_rotation_requires_folded_norms(tiny_dirs):
+    import pytest
+
+    from mquant.transforms.rotate import random_hadamard, rotate_language_stream
+
+    vlm = load_pretrained(tiny_dirs["llava"])
+    with pytest.raises(ValueError, match="fold norm gains"):
+        rotate_language_stream(vlm.model, vlm.family, random_hadamard(vlm.config.text_config.hidden_size, 0))
