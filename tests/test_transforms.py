@@ -62,3 +62,15 @@ def test_rotation_requires_folded_norms(tiny_dirs):
     vlm = load_pretrained(tiny_dirs["llava"])
     with pytest.raises(ValueError, match="fold norm gains"):
         rotate_language_stream(vlm.model, vlm.family, random_hadamard(vlm.config.text_config.hidden_size, 0))
+
+
+def test_per_head_value_output_rotation_preserves_the_model(tiny_dirs, family):
+    from mquant.transforms.rotate import rotate_language_heads
+
+    reference = load_pretrained(tiny_dirs[family])
+    rotated = load_pretrained(tiny_dirs[family])
+    layer = rotated.model.model.language_model.layers[0]
+    before = layer.self_attn.v_proj.weight.detach().clone()
+    rotate_language_heads(rotated.model, rotated.family, seed=None)  # exact Hadamard of head_dim (GQA)
+    assert not torch.allclose(before, layer.self_attn.v_proj.weight)
+    _assert_same_function(reference, rotated, synthetic_samples(4, 8))

@@ -1,6 +1,6 @@
 """Block layouts shared by several families (a family file only names what differs)."""
 
-from mquant.models.spec import BlockLayout
+from mquant.models.spec import AttentionLayout, BlockLayout
 
 # Llama / Qwen2 style decoder layer: q/k/v share the attention input, gate/up the MLP input.
 DECODER_LAYER = BlockLayout(
@@ -15,6 +15,7 @@ DECODER_LAYER = BlockLayout(
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
     residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    attention=AttentionLayout(v="self_attn.v_proj", o="self_attn.o_proj"),
 )
 
 

@@ -17,6 +17,19 @@ PartName = Literal["vision", "projector", "language"]
 
 
 @dataclass(frozen=True)
+class AttentionLayout:
+    """Where a block's value and output projections are (for the per-head rotation R2).
+
+    `v` names the value projection; when it is a fused q/k/v linear, `v_rows` = "last-third" says
+    V is the last third of its output rows. `o` names the output projection.
+    """
+
+    v: str
+    o: str
+    v_rows: Literal["all", "last-third"] = "all"
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     """The quantizable linears of one block, relative to the block.
 
@@ -29,6 +42,7 @@ class BlockLayout:
     groups: tuple[tuple[str, ...], ...]
     norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     residual_writers: tuple[str, ...] = ()
+    attention: AttentionLayout | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -60,3 +60,44 @@ def rotate_language_stream(model: nn.Module, family: ModelFamily, Q: torch.Tenso
             for name in segment.layout.residual_writers:
                 rotate_writer(block.get_submodule(name), Q)
     rotate_reader(model.get_submodule(family.lm_head), Q)
+
+
+def head_rotation(head_dim: int, seed: int | None) -> torch.Tensor:
+    """The per-head rotation H_h: exact Walsh-Hadamard/Paley when `seed` is None, else random-sign."""
+    if seed is not None:
+        return random_hadamard(head_dim, seed)
+    spec = hadamard_spec(head_dim)
+    if spec.padded:
+        raise ValueError(f"head dimension {head_dim} has no Hadamard construction")
+    return torch.tensor(dense_hadamard(spec), dtype=torch.float64) / head_dim**0.5
+
+
+@torch.no_grad()
+def rotate_heads(block: nn.Module, layout, n_heads: int, n_kv_heads: int, H: torch.Tensor) -> None:
+    """R2 (ALGORITHMS.md §3.6): every KV head's values become v·H_h and the output projection
+    undoes it per query head. Softmax-weighted sums commute with H_h, so attention is unchanged;
+    with GQA every head uses the same H_h."""
+    d = H.shape[0]
+    v = block.get_submodule(layout.v)
+    rows = v.weight.shape[0]
+    start = rows - n_kv_heads * d if layout.v_rows == "last-third" else 0
+    w = v.weight.double()
+    for g in range(n_kv_heads):
+        sl = slice(start + g * d, start + (g + 1) * d)
+        w[sl] = H.T @ w[sl]
+        if v.bias is not None:
+            v.bias[sl] = (v.bias[sl].double() @ H).to(v.bias.dtype)
+    v.weight.copy_(w.to(v.weight.dtype))
+    o = block.get_submodule(layout.o)
+    wo = o.weight.double().reshape(o.weight.shape[0], n_heads, d) @ H
+    o.weight.copy_(wo.reshape(o.weight.shape).to(o.weight.dtype))
+
+
+def rotate_language_heads(model: nn.Module, family: ModelFamily, seed: int | None = None) -> None:
+    config = model.config.text_config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    H = head_rotation(head_dim, seed)
+    for segment in family.part("language").segments:
+        for _, block in segment.blocks(model):
+            rotate_heads(block, segment.layout.attention, config.num_attention_heads,
+                         config.num_key_value_heads, H)
