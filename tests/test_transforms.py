@@ -74,3 +74,24 @@ def test_per_head_value_output_rotation_preserves_the_model(tiny_dirs, family):
     rotate_language_heads(rotated.model, rotated.family, seed=None)  # exact Hadamard of head_dim (GQA)
     assert not torch.allclose(before, layer.self_attn.v_proj.weight)
     _assert_same_function(reference, rotated, synthetic_samples(4, 8))
+
+
+def test_online_hadamard_preserves_the_model_and_quantizes(tiny_dirs, family, tmp_path):
+    import mquant
+    from mquant.runtime.online import OnlineHadamardLinear
+    from mquant.runtime.qlinear import QuantLinear
+    from mquant.transforms.online import apply_online_hadamard
+
+    reference = load_pretrained(tiny_dirs[family])
+    vlm = load_pretrained(tiny_dirs[family])
+    names = apply_online_hadamard(vlm.model, vlm.family, ("vision", "language"))
+    assert len(names) == 4 and all(isinstance(vlm.model.get_submodule(n), OnlineHadamardLinear) for n in names)
+    _assert_same_function(reference, vlm, synthetic_samples(4, 9))
+    # GPTQ and the observers see the transformed input; the checkpoint keeps the transform.
+    mquant.quantize(vlm, "gptq-w4a8", "synthetic", num_samples=4, progress=False)
+    q = vlm.model.get_submodule(names[-1])
+    assert isinstance(q, QuantLinear) and q.input_transform is not None
+    mquant.save(vlm, tmp_path / "q")
+    loaded = mquant.load(tmp_path / "q")
+    sample = synthetic_samples(1, 10)[0]
+    assert torch.equal(vlm.logits(sample), loaded.logits(sample))

@@ -16,6 +16,7 @@ DECODER_LAYER = BlockLayout(
     ),
     residual_writers=("self_attn.o_proj", "mlp.down_proj"),
     attention=AttentionLayout(v="self_attn.v_proj", o="self_attn.o_proj"),
+    online_hadamard=("mlp.down_proj",),
 )
 
 

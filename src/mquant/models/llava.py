@@ -6,7 +6,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.clip import CLIPImageProcessorPil
 
 from mquant.models.layouts import DECODER_LAYER, processor_from_dir
-from mquant.models.spec import BlockLayout, ModelFamily, Part, Segment
+from mquant.models.spec import AttentionLayout, BlockLayout, ModelFamily, Part, Segment
 
 CLIP_LAYER = BlockLayout(
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
@@ -14,6 +14,8 @@ CLIP_LAYER = BlockLayout(
     norm_readers=(("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                   ("layer_norm2", ("mlp.fc1",))),
     residual_writers=("self_attn.out_proj", "mlp.fc2"),
+    attention=AttentionLayout(v="self_attn.v_proj", o="self_attn.out_proj"),
+    online_hadamard=("mlp.fc2",),
 )
 CLIP_EMBEDDINGS = BlockLayout(groups=(("patch_embedding",),), residual_writers=("patch_embedding",))
 PROJECTOR = BlockLayout(groups=(("linear_1",), ("linear_2",)), residual_writers=("linear_2",))

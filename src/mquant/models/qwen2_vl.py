@@ -7,12 +7,14 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
 from mquant.models.layouts import DECODER_LAYER, processor_from_dir
-from mquant.models.spec import BlockLayout, ModelFamily, Part, Segment
+from mquant.models.spec import AttentionLayout, BlockLayout, ModelFamily, Part, Segment
 
 VISION_BLOCK = BlockLayout(
     groups=(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",)),
     norm_readers=(("norm1", ("attn.qkv",)), ("norm2", ("mlp.fc1",))),
     residual_writers=("attn.proj", "mlp.fc2"),
+    attention=AttentionLayout(v="attn.qkv", o="attn.proj", v_rows="last-third"),
+    online_hadamard=("mlp.fc2",),
 )
 PATCH_EMBED = BlockLayout(groups=(("proj",),), residual_writers=("proj",))
 MERGER = BlockLayout(groups=(("mlp.0",), ("mlp.2",)), residual_writers=("mlp.2",))

@@ -43,6 +43,8 @@ class BlockLayout:
     norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     residual_writers: tuple[str, ...] = ()
     attention: AttentionLayout | None = None
+    # Linears whose input comes out of a nonlinearity: the targets of the online Hadamard R4.
+    online_hadamard: tuple[str, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -46,9 +46,13 @@ class PatchGeometry:
 
 
 def linear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The 2-D [rows, in_features] input that a linear or patch conv multiplies with its weight."""
+    """The 2-D [rows, in_features] input that a linear or patch conv multiplies with its weight,
+    after any online input transform (what GPTQ and the activation observers must see)."""
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         x, _ = PatchGeometry.of(module).unfold(x)
+    transform = getattr(module, "input_transform", None)
+    if transform is not None:
+        x = transform(x)
     return x.reshape(-1, x.shape[-1])
 
 

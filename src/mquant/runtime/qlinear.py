@@ -16,6 +16,7 @@ from mquant.numerics.grid import dynamic_fake_quantize, fake_quantize
 from mquant.numerics.packing import pack_int4, unpack_int4
 from mquant.numerics.qweight import QuantizedWeight, codes_dtype
 from mquant.runtime.patches import PatchGeometry
+from mquant.transforms.hadamard import FastHadamard, HadamardSpec
 
 
 def _weight_param_shapes(args: QuantArgs, out_f: int, in_f: int) -> tuple[int, ...]:
@@ -35,8 +36,12 @@ class QuantLinear(nn.Module):
         weight_args: QuantArgs | None,
         act_args: QuantArgs | None,
         patch: PatchGeometry | None = None,
+        hadamard: HadamardSpec | None = None,
     ) -> None:
         super().__init__()
+        # An online Hadamard runs on the input before the activation quantizer; `in_features` is
+        # then the transformed (possibly padded) width.
+        self.input_transform = FastHadamard(hadamard) if hadamard is not None else None
         self.in_features, self.out_features = in_features, out_features
         self.weight_args, self.act_args, self.patch = weight_args, act_args, patch
         if weight_args is None:
@@ -66,8 +71,11 @@ class QuantLinear(nn.Module):
         input_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> "QuantLinear":
         patch = PatchGeometry.of(module) if isinstance(module, (nn.Conv2d, nn.Conv3d)) else None
+        transform = getattr(module, "input_transform", None)
+        hadamard = transform.spec if transform is not None else None
         w = module.weight.detach().reshape(module.weight.shape[0], -1)
-        q = cls(w.shape[1], w.shape[0], module.bias is not None, qweight.args if qweight else None, act_args, patch)
+        q = cls(w.shape[1], w.shape[0], module.bias is not None, qweight.args if qweight else None, act_args, patch,
+                hadamard)
         with torch.no_grad():
             if qweight is None:
                 q.weight_fp.copy_(w.float())
@@ -142,6 +150,8 @@ class QuantLinear(nn.Module):
         self.calls += 1
         if self.patch is not None:
             x, _ = self.patch.unfold(x)
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         w = self.dequantized_weight()
         y = F.linear(self.quantize_input(x).to(w.dtype), w, self.bias)
         return self.patch.fold(y) if self.patch is not None else y
@@ -150,6 +160,8 @@ class QuantLinear(nn.Module):
         w = self.weight_args.describe() if self.weight_args else "fp"
         a = self.act_args.describe() if self.act_args else "fp"
         kind = f", patch={self.patch.kernel}" if self.patch else ""
+        if self.input_transform is not None:
+            kind += f", online_hadamard={self.input_transform.spec.order}"
         return f"in={self.in_features}, out={self.out_features}, weights={w}, inputs={a}{kind}"
 
     def describe(self) -> dict:
@@ -161,6 +173,7 @@ class QuantLinear(nn.Module):
             "weights": self.weight_args.model_dump() if self.weight_args else None,
             "input_activations": self.act_args.model_dump() if self.act_args else None,
             "patch": self.patch.to_json() if self.patch else None,
+            "online_hadamard": self.input_transform.spec.to_json() if self.input_transform is not None else None,
         }
 
     @classmethod
@@ -170,6 +183,7 @@ class QuantLinear(nn.Module):
             QuantArgs(**d["weights"]) if d["weights"] else None,
             QuantArgs(**d["input_activations"]) if d["input_activations"] else None,
             PatchGeometry(tuple(d["patch"]["kernel"])) if d["patch"] else None,
+            HadamardSpec(**d["online_hadamard"]) if d.get("online_hadamard") else None,
         )
 
 
