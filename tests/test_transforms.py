@@ -95,3 +95,26 @@ def test_online_hadamard_preserves_the_model_and_quantizes(tiny_dirs, family, tm
     loaded = mquant.load(tmp_path / "q")
     sample = synthetic_samples(1, 10)[0]
     assert torch.equal(vlm.logits(sample), loaded.logits(sample))
+
+
+def test_ln2rn_makes_the_vision_encoder_rms_normed_exactly(tiny_dirs):
+    from mquant.transforms.ln2rn import WeightlessRMSNorm, ln2rn_vision
+
+    reference = load_pretrained(tiny_dirs["qwen2_vl"])
+    vlm = load_pretrained(tiny_dirs["qwen2_vl"])
+    replaced = ln2rn_vision(vlm.model, vlm.family)
+    blocks = len(vlm.model.model.visual.blocks)
+    assert replaced == 2 * blocks + 1  # norm1, norm2 per block, and the merger's ln_q (chunk-wise)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in vlm.model.model.visual.modules())
+    assert isinstance(vlm.model.model.visual.merger.ln_q, WeightlessRMSNorm)
+    _assert_same_function(reference, vlm, synthetic_samples(4, 11))
+
+
+def test_ln2rn_refuses_towers_it_cannot_transform_exactly(tiny_dirs):
+    import pytest
+
+    from mquant.transforms.ln2rn import ln2rn_vision
+
+    vlm = load_pretrained(tiny_dirs["llava"])
+    with pytest.raises(NotImplementedError, match="llava"):
+        ln2rn_vision(vlm.model, vlm.family)

@@ -17,7 +17,8 @@ VISION_BLOCK = BlockLayout(
     online_hadamard=("mlp.fc2",),
 )
 PATCH_EMBED = BlockLayout(groups=(("proj",),), residual_writers=("proj",))
-MERGER = BlockLayout(groups=(("mlp.0",), ("mlp.2",)), residual_writers=("mlp.2",))
+MERGER = BlockLayout(groups=(("mlp.0",), ("mlp.2",)), norm_readers=(("ln_q", ("mlp.0",)),),
+                     residual_writers=("mlp.2",), norm_chunks=4)
 
 
 class Qwen2VLImages:
@@ -93,6 +94,7 @@ FAMILY = ModelFamily(
     eos_token="<|im_end|>",
     pad_token="<|endoftext|>",
     extra_text_inputs=_mm_token_type_ids,
+    vision_stream_closed=True,
     tiny_config=_tiny_config,
     tiny_image_size=56,
 )

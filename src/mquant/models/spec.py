@@ -45,6 +45,9 @@ class BlockLayout:
     attention: AttentionLayout | None = None
     # Linears whose input comes out of a nonlinearity: the targets of the online Hadamard R4.
     online_hadamard: tuple[str, ...] = ()
+    # A reader behind a norm may see `norm_chunks` normalized tokens concatenated (a token-merging
+    # projector such as Qwen2-VL's merger: 4 tokens of 1280 -> one row of 5120).
+    norm_chunks: int = 1
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -105,6 +108,10 @@ class ModelFamily:
     extra_text_inputs: Callable[[torch.Tensor, Any], dict[str, torch.Tensor]] = field(
         default=lambda input_ids, config: {}
     )
+    # True when the vision stream is written only by the declared residual writers and read only
+    # through the declared norms, so LN2RN is exact as it stands. CLIP towers are not: a norm at the
+    # start of the stream (pre_layrnorm) and a raw reader (LLaVA reads layer -2) need more surgery.
+    vision_stream_closed: bool = False
     # The language model's final norm and output head (the head reads the residual stream).
     final_norm: str = "model.language_model.norm"
     lm_head: str = "lm_head"
