@@ -40,7 +40,7 @@ def test_tied_head_is_untied_before_folding(tiny_dirs):
 
 
 def test_language_rotation_preserves_the_model(tiny_dirs, family):
-    from mquant.transforms.rotate import random_hadamard, rotate_language_stream
+    from mquant.transforms.rotate import random_hadamard, rotate_stream
 
     reference = load_pretrained(tiny_dirs[family])
     rotated = load_pretrained(tiny_dirs[family])
@@ -49,7 +49,7 @@ def test_language_rotation_preserves_the_model(tiny_dirs, family):
     Q = random_hadamard(hidden, seed=42)
     assert torch.allclose(Q @ Q.T, torch.eye(hidden, dtype=torch.float64), atol=1e-12)
     before = rotated.model.lm_head.weight.detach().clone()
-    rotate_language_stream(rotated.model, rotated.family, Q)
+    rotate_stream(rotated.model, rotated.family, "language", Q)
     assert not torch.allclose(before, rotated.model.lm_head.weight)  # the weights really moved
     _assert_same_function(reference, rotated, synthetic_samples(4, 6))
 
@@ -57,11 +57,11 @@ def test_language_rotation_preserves_the_model(tiny_dirs, family):
 def test_rotation_requires_folded_norms(tiny_dirs):
     import pytest
 
-    from mquant.transforms.rotate import random_hadamard, rotate_language_stream
+    from mquant.transforms.rotate import random_hadamard, rotate_stream
 
     vlm = load_pretrained(tiny_dirs["llava"])
     with pytest.raises(ValueError, match="fold norm gains"):
-        rotate_language_stream(vlm.model, vlm.family, random_hadamard(vlm.config.text_config.hidden_size, 0))
+        rotate_stream(vlm.model, vlm.family, "language", random_hadamard(vlm.config.text_config.hidden_size, 0))
 
 
 def test_per_head_value_output_rotation_preserves_the_model(tiny_dirs, family):
@@ -118,3 +118,23 @@ def test_ln2rn_refuses_towers_it_cannot_transform_exactly(tiny_dirs):
     vlm = load_pretrained(tiny_dirs["llava"])
     with pytest.raises(NotImplementedError, match="llava"):
         ln2rn_vision(vlm.model, vlm.family)
+
+
+def test_vision_rotation_after_ln2rn_preserves_the_model(tiny_dirs):
+    from mquant.transforms.ln2rn import ln2rn_vision
+    from mquant.transforms.rotate import random_hadamard, rotate_part_heads, rotate_stream
+
+    reference = load_pretrained(tiny_dirs["qwen2_vl"])
+    vlm = load_pretrained(tiny_dirs["qwen2_vl"])
+    vc = vlm.config.vision_config
+    with __import__("pytest").raises(ValueError, match="LN2RN"):
+        rotate_stream(vlm.model, vlm.family, "vision", random_hadamard(vc.embed_dim, 1))
+    ln2rn_vision(vlm.model, vlm.family)
+    rotate_stream(vlm.model, vlm.family, "vision", random_hadamard(vc.embed_dim, 1))
+    rotate_part_heads(vlm.model, vlm.family, "vision", vc.num_heads, vc.num_heads, vc.embed_dim // vc.num_heads, seed=2)
+    fold_norm_gains(vlm.model, vlm.family)
+    from mquant.transforms.rotate import rotate_language_heads
+
+    rotate_stream(vlm.model, vlm.family, "language", random_hadamard(vlm.config.text_config.hidden_size, 3))
+    rotate_language_heads(vlm.model, vlm.family)
+    _assert_same_function(reference, vlm, synthetic_samples(4, 12))

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from mquant.models.spec import ModelFamily
-from mquant.transforms.fuse_norms import is_rms_norm
 from mquant.transforms.hadamard import dense_hadamard, hadamard_spec
 
 
@@ -27,39 +26,69 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_reader(linear: nn.Module, Q: torch.Tensor) -> None:
-    """y = x W^T reads x; with x -> xQ the weight becomes W Q."""
-    linear.weight.copy_((linear.weight.double() @ Q).to(linear.weight.dtype))
+def rotate_reader(linear: nn.Module, Q: torch.Tensor, chunks: int = 1) -> None:
+    """y = x Wᵀ reads x; with x -> xQ the weight becomes W Q (W (I_chunks ⊗ Q) for a reader of
+    `chunks` stream vectors side by side)."""
+    w = linear.weight.double()
+    d = Q.shape[0]
+    w = (w.reshape(w.shape[0], chunks, d) @ Q).reshape(w.shape)
+    linear.weight.copy_(w.to(linear.weight.dtype))
 
 
 @torch.no_grad()
-def rotate_writer(linear: nn.Module, Q: torch.Tensor) -> None:
-    """y = x W^T + b is added to the stream; the stream is now yQ, so W ← QᵀW and b ← Qᵀb."""
-    linear.weight.copy_((Q.T @ linear.weight.double()).to(linear.weight.dtype))
-    if linear.bias is not None:
-        linear.bias.copy_((linear.bias.double() @ Q).to(linear.bias.dtype))
+def rotate_writer(writer: nn.Module, Q: torch.Tensor) -> None:
+    """y = x Wᵀ + b is added to the stream; the stream is now yQ, so W ← QᵀW and b ← Qᵀb.
+    Output channels are the first weight axis, so this covers patch convolutions too."""
+    w = writer.weight.double()
+    writer.weight.copy_((Q.T @ w.reshape(w.shape[0], -1)).reshape(w.shape).to(writer.weight.dtype))
+    if writer.bias is not None:
+        writer.bias.copy_((writer.bias.double() @ Q).to(writer.bias.dtype))
+
+
+def _check_weightless(norm: nn.Module, name: str) -> None:
+    weight = getattr(norm, "weight", None)
+    if isinstance(norm, nn.LayerNorm) or (weight is not None and not torch.all(weight == 1)):
+        raise ValueError(f"{name} still has a gain or is a LayerNorm: fold norm gains (LN2RN) before rotating")
+
+
+def _readers(model: nn.Module, family: ModelFamily, part: str) -> list[tuple[nn.Module, int]]:
+    """The linears (with their chunk count) behind the part's norms, which must be weightless."""
+    readers = []
+    for segment in family.part(part).segments:
+        for block_name, block in segment.blocks(model):
+            for norm, names in segment.layout.norm_readers:
+                _check_weightless(block.get_submodule(norm), f"{block_name}.{norm}")
+                readers += [(block.get_submodule(n), segment.layout.norm_chunks) for n in names]
+    return readers
+
+
+def _writers(model: nn.Module, family: ModelFamily, part: str) -> list[nn.Module]:
+    return [block.get_submodule(n) for segment in family.part(part).segments
+            for _, block in segment.blocks(model) for n in segment.layout.residual_writers]
 
 
 @torch.no_grad()
-def rotate_language_stream(model: nn.Module, family: ModelFamily, Q: torch.Tensor) -> None:
-    """R1: the language model's residual stream, including the embedding, the projector output
-    that is scattered into it, every decoder layer and the output head."""
-    embed = model.get_input_embeddings()
-    embed.weight.copy_((embed.weight.double() @ Q).to(embed.weight.dtype))
-    for segment in family.part("projector").segments:
-        for _, block in segment.blocks(model):
-            for name in segment.layout.residual_writers:
-                rotate_writer(block.get_submodule(name), Q)
-    for segment in family.part("language").segments:
-        for _, block in segment.blocks(model):
-            for norm, readers in segment.layout.norm_readers:
-                if not is_rms_norm(block.get_submodule(norm)) or not torch.all(block.get_submodule(norm).weight == 1):
-                    raise ValueError(f"{norm} still has a gain: fold norm gains before rotating")
-                for name in readers:
-                    rotate_reader(block.get_submodule(name), Q)
-            for name in segment.layout.residual_writers:
-                rotate_writer(block.get_submodule(name), Q)
-    rotate_reader(model.get_submodule(family.lm_head), Q)
+def rotate_stream(model: nn.Module, family: ModelFamily, stream: str, Q: torch.Tensor) -> None:
+    """Rotate the `language` (R1) or `vision` (R1ᵥ) residual stream by Q.
+
+    Language: written by the embedding, the projector's output linear and the decoder layers' writers;
+    read by the decoder layers' norms and the output head. Vision: written by the patch embedding and
+    the blocks' writers; read by the blocks' norms and the projector's norm (token-merging readers
+    take I_k ⊗ Q)."""
+    if stream == "language":
+        readers = _readers(model, family, "language") + [(model.get_submodule(family.lm_head), 1)]
+        writers = _writers(model, family, "language") + _writers(model, family, "projector")
+        embed = model.get_input_embeddings()
+        embed.weight.copy_((embed.weight.double() @ Q).to(embed.weight.dtype))
+    elif stream == "vision":
+        readers = _readers(model, family, "vision") + _readers(model, family, "projector")
+        writers = _writers(model, family, "vision")
+    else:
+        raise ValueError(f"unknown stream {stream!r}")
+    for module, chunks in readers:
+        rotate_reader(module, Q, chunks)
+    for module in writers:
+        rotate_writer(module, Q)
 
 
 def head_rotation(head_dim: int, seed: int | None) -> torch.Tensor:
@@ -93,11 +122,18 @@ def rotate_heads(block: nn.Module, layout, n_heads: int, n_kv_heads: int, H: tor
     o.weight.copy_(wo.reshape(o.weight.shape).to(o.weight.dtype))
 
 
-def rotate_language_heads(model: nn.Module, family: ModelFamily, seed: int | None = None) -> None:
-    config = model.config.text_config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def rotate_part_heads(model: nn.Module, family: ModelFamily, part: str, n_heads: int, n_kv_heads: int,
+                      head_dim: int, seed: int | None = None) -> None:
+    """R2 on every block of `part` that declares an attention layout."""
     H = head_rotation(head_dim, seed)
-    for segment in family.part("language").segments:
+    for segment in family.part(part).segments:
+        if segment.layout.attention is None:
+            continue
         for _, block in segment.blocks(model):
-            rotate_heads(block, segment.layout.attention, config.num_attention_heads,
-                         config.num_key_value_heads, H)
+            rotate_heads(block, segment.layout.attention, n_heads, n_kv_heads, H)
+
+
+def rotate_language_heads(model: nn.Module, family: ModelFamily, seed: int | None = None) -> None:
+    c = model.config.text_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rotate_part_heads(model, family, "language", c.num_attention_heads, c.num_key_value_heads, head_dim, seed)
