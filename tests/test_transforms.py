@@ -138,3 +138,54 @@ def test_vision_rotation_after_ln2rn_preserves_the_model(tiny_dirs):
     rotate_stream(vlm.model, vlm.family, "language", random_hadamard(vlm.config.text_config.hidden_size, 3))
     rotate_language_heads(vlm.model, vlm.family)
     _assert_same_function(reference, vlm, synthetic_samples(4, 12))
+
+
+def test_all_transforms_preserve_the_model(tiny_dirs, family):
+    import warnings
+
+    from mquant.recipe import TransformScheme
+    from mquant.transforms.apply import apply_transforms
+
+    reference = load_pretrained(tiny_dirs[family])
+    vlm = load_pretrained(tiny_dirs[family])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = apply_transforms(vlm, TransformScheme(ln2rn=True, rotate=True, online_hadamard=True))
+    expected = ["language", "vision"] if family == "qwen2_vl" else ["language"]
+    assert info["rotated_streams"] == expected and len(info["online_hadamard"]) == 4
+    assert bool(caught) == (family == "llava") == bool(info["warnings"])
+    _assert_same_function(reference, vlm, synthetic_samples(4, 13))
+
+
+def test_quarot_preset_quantizes_and_reloads(tiny_dirs, family, tmp_path):
+    import warnings
+
+    import mquant
+
+    vlm = load_pretrained(tiny_dirs[family])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mquant.quantize(vlm, "quarot-w4a8", "synthetic", num_samples=4, progress=False)
+    layers = vlm.quant_info["report"]["layers"]
+    assert all(l["rotated"] for l in layers if l["part"] == "language")
+    assert sum(l["online_hadamard"] for l in layers) == 4
+    mquant.save(vlm, tmp_path / "q")
+    loaded = mquant.load(tmp_path / "q")
+    sample = synthetic_samples(2, 14)[1]
+    assert torch.equal(vlm.logits(sample), loaded.logits(sample))
+    assert vlm.generate([sample], 4) == loaded.generate([sample], 4)
+
+
+def test_fp_part_keeps_its_transforms_through_a_checkpoint(tiny_dirs, tmp_path):
+    import mquant
+    from mquant.recipe import PRESETS
+    from mquant.runtime.online import OnlineHadamardLinear
+
+    recipe = PRESETS["quarot-w4a8"].model_copy(update={"vision": None, "name": "language-only"})
+    vlm = mquant.quantize(load_pretrained(tiny_dirs["qwen2_vl"]), recipe, "synthetic", num_samples=2, progress=False)
+    fc2 = vlm.model.model.visual.blocks[0].mlp.fc2
+    assert isinstance(fc2, OnlineHadamardLinear)  # vision stays FP, still transformed
+    mquant.save(vlm, tmp_path / "q")
+    loaded = mquant.load(tmp_path / "q")
+    sample = synthetic_samples(1, 15)[0]
+    assert torch.equal(vlm.logits(sample), loaded.logits(sample))

@@ -20,6 +20,7 @@ from mquant.recipe import PARTS, Recipe, load_recipe
 from mquant.runtime.guard import verify_quantized
 from mquant.runtime.qlinear import set_activation_quant
 from mquant.samples import Sample
+from mquant.transforms.apply import apply_transforms
 
 
 def seed_everything(seed: int) -> None:
@@ -59,8 +60,11 @@ def quantize(
 
     with torch.no_grad():
         batches = [vlm.encode([s], with_answer=bool(s.answers)) for s in calib.samples]
-        fp_logits = vlm.model(**batches[0]).logits.float()
         timing: dict[str, float] = {}
+        t = time.perf_counter()
+        transforms = apply_transforms(vlm, recipe.transforms) if recipe.transforms.any else None
+        timing["transforms"] = time.perf_counter() - t
+        fp_logits = vlm.model(**batches[0]).logits.float()
         if recipe.smoothquant is not None:
             t = time.perf_counter()
             parts = [p for p in PARTS if recipe.part(p) is not None]
@@ -72,7 +76,11 @@ def quantize(
         guard = verify_quantized(vlm.model, batches[0], fp_logits)
     timing["total"] = time.perf_counter() - start
 
+    streams = (transforms or {}).get("rotated_streams", [])
+    online = set((transforms or {}).get("online_hadamard", []))
     for layer in layers:
+        layer["rotated"] = layer["part"] in streams or (layer["part"] == "projector" and bool(streams))
+        layer["online_hadamard"] = layer["name"] in online
         scale = layer.pop("input_scale")
         # Without MSQ one static scale serves every token; the vision side only sees visual tokens.
         text = scale if layer["part"] == "language" else None
@@ -89,6 +97,7 @@ def quantize(
             "disjoint_from_eval": True,  # enforced: `mquant eval` refuses samples listed below
             "fingerprints": calib.fingerprints(),
         },
+        "transforms": transforms,
         "layers": layers,
         "guard": guard,
         "timing_s": {k: round(v, 3) for k, v in timing.items()},

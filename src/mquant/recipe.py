@@ -58,6 +58,24 @@ class PartScheme(StrictModel):
         return self
 
 
+class TransformScheme(StrictModel):
+    """Function-preserving transforms applied before quantization (all off by default).
+
+    `ln2rn`: vision LayerNorms -> RMSNorms (needed to rotate the vision stream); `rotate`: fold norm
+    gains, random-sign Hadamard R1 on the language stream and R1ᵥ on the vision stream, per-head R2;
+    `online_hadamard`: R4 before down_proj and the vision MLP's second linear. `seed` picks the signs.
+    """
+
+    ln2rn: bool = False
+    rotate: bool = False
+    online_hadamard: bool = False
+    seed: int = 42
+
+    @property
+    def any(self) -> bool:
+        return self.ln2rn or self.rotate or self.online_hadamard
+
+
 class SmoothQuantConfig(StrictModel):
     alpha: float = 0.5
 
@@ -70,6 +88,7 @@ class Recipe(StrictModel):
     projector: PartScheme | None = None
     language: PartScheme | None = None
     smoothquant: SmoothQuantConfig | None = None
+    transforms: TransformScheme = TransformScheme()
     # Fake-quantize activations while propagating calibration data through already-quantized
     # blocks. Off by default, as in the reference GPTQ/MQuant code (ALGORITHMS.md §2.4).
     propagate_activation_quant: bool = False
@@ -79,6 +98,9 @@ class Recipe(StrictModel):
     def _known_version(self) -> "Recipe":
         if self.version != 1:
             raise ValueError(f"unsupported recipe version {self.version} (this mquant reads version 1)")
+        if self.smoothquant is not None and self.transforms.rotate:
+            # Folding gains before rotating cancels the smoothing (ALGORITHMS.md §11.2).
+            raise ValueError("smoothquant and transforms.rotate do not compose; choose one")
         return self
 
     def part(self, name: str) -> PartScheme | None:
@@ -146,6 +168,9 @@ def _everywhere(name: str, description: str, weights, acts, **extra) -> Recipe:
     return Recipe(name=name, description=description, vision=scheme, projector=scheme, language=scheme, **extra)
 
 
+_QUAROT = TransformScheme(ln2rn=True, rotate=True, online_hadamard=True)
+
+
 def _build_presets() -> dict[str, Recipe]:
     presets = [
         _everywhere("rtn-w4a8", "RTN int4 per-channel weights, static per-tensor int8 activations",
@@ -159,6 +184,12 @@ def _build_presets() -> dict[str, Recipe]:
         _everywhere("gptq-w8a8", "GPTQ int8 weights, static per-tensor int8 activations", _w(8), _a_static(8)),
         _everywhere("gptq-w4a4", "GPTQ int4 weights, static per-tensor int4 activations (MSE clip)",
                     _w(4), _a_static(4, "mse")),
+        _everywhere("quarot-w4a8", "Hadamard rotations + online Hadamard + GPTQ int4, one static int8 scale "
+                    "per linear (the paper's static baseline)", _w(4), _a_static(8), transforms=_QUAROT),
+        _everywhere("quarot-w4a8-dynamic", "Hadamard rotations + online Hadamard + GPTQ int4, dynamic "
+                    "per-token int8 activations (QuaRot as published)", _w(4), _a_dynamic(8), transforms=_QUAROT),
+        _everywhere("quarot-w4a4", "Hadamard rotations + online Hadamard + GPTQ int4, static int4 "
+                    "activations (MSE clip)", _w(4), _a_static(4, "mse"), transforms=_QUAROT),
     ]
     return {r.name: r for r in presets}
 

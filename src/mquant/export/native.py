@@ -25,7 +25,10 @@ from mquant.fileio import atomic_directory, write_json_atomic, write_text_atomic
 from mquant.models.registry import family_for_architectures
 from mquant.models.vlm import VLM
 from mquant.recipe import Recipe
+from mquant.runtime.online import OnlineHadamardLinear
 from mquant.runtime.qlinear import QuantLinear, quant_linears
+from mquant.transforms.hadamard import HadamardSpec
+from mquant.transforms.ln2rn import WeightlessRMSNorm
 
 MANIFEST = "mquant_checkpoint.json"
 FORMAT = "mquant-native"
@@ -41,6 +44,7 @@ def save_quantized(vlm: VLM, out: str | os.PathLike) -> Path:
         "version": VERSION,
         "family": vlm.family.name,
         "modules": {name: m.describe() for name, m in quant_linears(vlm.model)},
+        "replaced": structural_replacements(vlm.model),
     }
     with atomic_directory(out) as tmp:
         vlm.model.config.save_pretrained(tmp)
@@ -74,11 +78,11 @@ def load_quantized(path: str | os.PathLike) -> VLM:
         raise MquantError(f"{path}: manifest family {manifest.get('family')!r} does not match config ({family.name})")
     torch.manual_seed(0)  # every tensor is overwritten below; this only makes init cheap to reason about
     model = family.model_class(config).eval()
+    for name, desc in manifest.get("replaced", {}).items():
+        _check_module(model, name, path)
+        model.set_submodule(name, rebuild_replacement(desc))
     for name, desc in manifest["modules"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise MquantError(f"{path}: manifest names a module that the model does not have: {name}") from None
+        _check_module(model, name, path)
         model.set_submodule(name, QuantLinear.from_description(desc))
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -99,6 +103,33 @@ def load_quantized(path: str | os.PathLike) -> VLM:
     processor = family.images.load_processor(str(path))
     quant_info = {"recipe": Recipe.from_yaml(recipe, str(path / "recipe.yaml")).to_dict(), "report": report}
     return VLM(model, tokenizer, processor, family, str(path), quant_info)
+
+
+def structural_replacements(model: torch.nn.Module) -> dict[str, dict]:
+    """Modules the transforms put in place of the original classes (other than QuantLinear)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, WeightlessRMSNorm):
+            out[name] = {"type": "weightless_rms_norm", "eps": m.eps}
+        elif isinstance(m, OnlineHadamardLinear):
+            out[name] = {"type": "online_hadamard_linear", "hadamard": m.input_transform.spec.to_json(),
+                         "out_features": m.weight.shape[0], "bias": m.bias is not None}
+    return out
+
+
+def rebuild_replacement(desc: dict) -> torch.nn.Module:
+    if desc["type"] == "weightless_rms_norm":
+        return WeightlessRMSNorm(desc["eps"])
+    if desc["type"] == "online_hadamard_linear":
+        return OnlineHadamardLinear(HadamardSpec(**desc["hadamard"]), desc["out_features"], desc["bias"])
+    raise MquantError(f"unknown module type in checkpoint: {desc['type']!r}")
+
+
+def _check_module(model: torch.nn.Module, name: str, path: Path) -> None:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise MquantError(f"{path}: manifest names a module that the model does not have: {name}") from None
 
 
 def _read_manifest(path: Path) -> dict:

@@ -102,8 +102,6 @@ def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qpara
         "a_bits": acts.num_bits if acts else 16,
         "dynamic": bool(acts and acts.dynamic),
         "input_scale": float(input_qparams[0]) if input_qparams else None,
-        "rotated": False,
-        "online_hadamard": False,
         "rms_split": False,
     }
     qweight = None

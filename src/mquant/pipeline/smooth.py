@@ -19,10 +19,11 @@ def smooth_model(vlm: VLM, batches: list[dict], alpha: float, parts: list[str]) 
         for segment in part.segments:
             for _, block in segment.blocks(vlm.model):
                 for norm, readers in segment.layout.norm_readers:
-                    pairs.append((block.get_submodule(norm), [block.get_submodule(r) for r in readers]))
+                    pairs.append((block.get_submodule(norm), [block.get_submodule(r) for r in readers],
+                                  segment.layout.norm_chunks))
     absmax: dict[int, torch.Tensor] = {}
     handles = []
-    for i, (_, readers) in enumerate(pairs):
+    for i, (_, readers, _) in enumerate(pairs):
         def hook(module, args, i=i):
             m = linear_input(module, args[0]).abs().amax(dim=0).float()
             absmax[i] = m if i not in absmax else torch.maximum(absmax[i], m)
@@ -33,6 +34,6 @@ def smooth_model(vlm: VLM, batches: list[dict], alpha: float, parts: list[str]) 
     finally:
         for h in handles:
             h.remove()
-    for i, (norm, readers) in enumerate(pairs):
-        apply_smoothing(norm, readers, smoothing_factors(absmax[i], readers, alpha))
+    for i, (norm, readers, chunks) in enumerate(pairs):
+        apply_smoothing(norm, readers, smoothing_factors(absmax[i], readers, alpha, chunks), chunks)
     return len(pairs)
