@@ -54,8 +54,28 @@ def test_errors_are_one_line(tmp_path):
 
 
 def test_help_and_recipes():
-    for cmd in ([], ["tiny"], ["quantize"], ["eval"], ["recipes"]):
+    for cmd in ([], ["tiny"], ["quantize"], ["eval"], ["verify"], ["recipes"]):
         assert mquant(*cmd, "--help").returncode == 0
     listing = mquant("recipes").stdout
     assert "gptq-w4a8-dynamic" in listing and "smoothquant-w4a8" in listing
     assert "num_bits: 4" in mquant("recipes", "gptq-w4a8").stdout
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
+def test_verify_reports_every_transform_step(arch, tiny_dirs, tmp_path):
+    out = tmp_path / "verify.json"
+    proc = mquant("verify", tiny_dirs[arch], "--transforms", "ln2rn,rotate,online_hadamard,rms", "--out", out,
+                  "--num-samples", 3)
+    data = json.loads(out.read_text())
+    assert data["transforms"] == ["ln2rn", "rotate", "online_hadamard", "rms"]
+    assert [s["transform"] for s in data["steps"]] == data["transforms"]
+    assert data["max_rel_logit_diff"] <= 1e-4 and data["generation_identical"] and data["preserved"]
+    assert any(d["split"] for d in data["details"]["rms"].values())  # the vision fc2 layers at least
+    assert "function preserved" in proc.stdout
+
+
+def test_verify_rejects_unknown_transforms(tiny_dirs, tmp_path):
+    args = ("verify", tiny_dirs["qwen2_vl"], "--out", tmp_path / "v.json")
+    assert_one_line_error(mquant(*args, "--transforms", "rotate,spin", check=False), "unknown transform 'spin'")
+    assert_one_line_error(mquant(*args, "--transforms", "rms", check=False), "needs online_hadamard")
+    assert not (tmp_path / "v.json").exists()

@@ -111,13 +111,43 @@ def test_ln2rn_makes_the_vision_encoder_rms_normed_exactly(tiny_dirs):
 
 
 def test_ln2rn_refuses_towers_it_cannot_transform_exactly(tiny_dirs):
+    import dataclasses
+
     import pytest
 
     from mquant.transforms.ln2rn import ln2rn_vision
 
     vlm = load_pretrained(tiny_dirs["llava"])
+    undeclared = dataclasses.replace(vlm.family, vision_stream_start=None)
     with pytest.raises(NotImplementedError, match="llava"):
-        ln2rn_vision(vlm.model, vlm.family)
+        ln2rn_vision(vlm.model, undeclared)
+
+
+def test_open_clip_stream_ln2rn_and_rotation_are_exact(tiny_dirs):
+    """CLIP: the stream starts at pre_layrnorm and LLaVA's projector reads a hidden state raw
+    (ALGORITHMS.md §5.3-5.4): centring norms, an FP stream-start writer, then masked RMSNorms."""
+    import pytest
+
+    from mquant.transforms.ln2rn import CenteringNorm, MaskedRMSNorm, StreamStart, ln2rn_vision
+    from mquant.transforms.rotate import centred_random_hadamard, random_hadamard, rotate_stream
+
+    reference = load_pretrained(tiny_dirs["llava"])
+    vlm = load_pretrained(tiny_dirs["llava"])
+    tower = vlm.model.model.vision_tower
+    assert ln2rn_vision(vlm.model, vlm.family) == 2 * len(tower.encoder.layers)
+    assert isinstance(tower.pre_layrnorm, StreamStart)
+    assert isinstance(tower.encoder.layers[0].layer_norm1, CenteringNorm)
+    _assert_same_function(reference, vlm, synthetic_samples(3, 16))
+    width = vlm.config.vision_config.hidden_size
+    with pytest.raises(ValueError, match="first column"):
+        rotate_stream(vlm.model, vlm.family, "vision", random_hadamard(width, 5))
+    Q = centred_random_hadamard(width, 5)
+    assert torch.allclose(Q @ Q.T, torch.eye(width, dtype=torch.float64), atol=1e-12)
+    before = vlm.model.model.multi_modal_projector.linear_1.weight.detach().clone()
+    rotate_stream(vlm.model, vlm.family, "vision", Q)
+    assert isinstance(tower.encoder.layers[0].layer_norm1, MaskedRMSNorm)
+    assert not torch.allclose(before, vlm.model.model.multi_modal_projector.linear_1.weight)  # raw reader moved
+    _assert_same_function(reference, vlm, synthetic_samples(3, 17))
 
 
 def test_vision_rotation_after_ln2rn_preserves_the_model(tiny_dirs):
@@ -151,9 +181,8 @@ def test_all_transforms_preserve_the_model(tiny_dirs, family):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         info = apply_transforms(vlm, TransformScheme(ln2rn=True, rotate=True, online_hadamard=True))
-    expected = ["language", "vision"] if family == "qwen2_vl" else ["language"]
-    assert info["rotated_streams"] == expected and len(info["online_hadamard"]) == 4
-    assert bool(caught) == (family == "llava") == bool(info["warnings"])
+    assert info["rotated_streams"] == ["language", "vision"] and len(info["online_hadamard"]) == 4
+    assert not caught and not info["warnings"] and info["ln2rn"]
     _assert_same_function(reference, vlm, synthetic_samples(4, 13))
 
 

@@ -62,7 +62,7 @@ def quantize(
         batches = [vlm.encode([s], with_answer=bool(s.answers)) for s in calib.samples]
         timing: dict[str, float] = {}
         t = time.perf_counter()
-        transforms = apply_transforms(vlm, recipe.transforms) if recipe.transforms.any else None
+        transforms = apply_transforms(vlm, recipe.transforms, batches) if recipe.transforms.any else None
         timing["transforms"] = time.perf_counter() - t
         fp_logits = vlm.model(**batches[0]).logits.float()
         if recipe.smoothquant is not None:

@@ -82,6 +82,27 @@ def cmd_eval(args) -> None:
     print(f"{'average':<16} {'':<14} {'':>5} {result['average']:>7.3f}")
 
 
+def cmd_verify(args) -> int:
+    from mquant.fileio import write_json_atomic
+    from mquant.pipeline.calib import load_calibration
+    from mquant.transforms.verify import parse_transforms, verify_transforms
+
+    parse_transforms(args.transforms)  # reject bad names before loading anything
+    samples = load_calibration(args.samples, args.num_samples, seed=args.seed).samples
+    result = verify_transforms(args.model, args.transforms, samples, args.max_new_tokens)
+    write_json_atomic(args.out, result)
+    print(f"{'after':<16} {'max |Δlogit|':>13} {'relative':>10} {'same text':>10}")
+    for step in result["steps"]:
+        print(f"{step['transform']:<16} {step['max_abs_logit_diff']:>13.3e} {step['max_rel_logit_diff']:>10.2e} "
+              f"{'yes' if step['generation_identical'] else 'NO':>10}")
+    if not result["preserved"]:
+        print(f"mquant: the transforms changed the model (tolerance {result['tolerance']:.0e} relative); "
+              f"see {args.out}", file=sys.stderr)
+        return 1
+    print(f"function preserved on {result['num_samples']} samples; wrote {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> None:
     from mquant.demo import run_demo
     from mquant.zoo import EMBEDDED_MODEL
@@ -144,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="result JSON file")
     e.set_defaults(func=cmd_eval)
 
+    v = sub.add_parser("verify", help="apply function-preserving transforms only and measure the change",
+                       description="Apply transforms (e.g. ln2rn,rotate,online_hadamard,rms) without quantizing "
+                                   "and report, after each, how far logits and greedy generations moved. "
+                                   "Exit status 1 if the function changed beyond 1e-4 relative.")
+    v.add_argument("model", help="floating-point model directory")
+    v.add_argument("--transforms", required=True, help="comma-separated: ln2rn, rotate, online_hadamard, rms")
+    v.add_argument("--out", required=True, help="result JSON file")
+    v.add_argument("--samples", default="synthetic",
+                   help="prompts to compare on: 'synthetic', 'builtin' or a .jsonl file/folder (default synthetic)")
+    v.add_argument("--num-samples", type=int, default=8, help="number of prompts (default 8)")
+    v.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared per prompt (default 8)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts (default 0)")
+    v.set_defaults(func=cmd_verify)
+
     d = sub.add_parser("demo", help="the whole job on the embedded model: evaluate FP, every preset, report",
                        description="Evaluate the embedded model in floating point, quantize it with every "
                                    "preset recipe, evaluate each, and write results.json, report.md and plot.png.")
@@ -163,14 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _quiet_transformers()
-        args.func(args)
+        return args.func(args) or 0
     except MquantError as exc:
         print(f"mquant: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mquant: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

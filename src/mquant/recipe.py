@@ -64,12 +64,24 @@ class TransformScheme(StrictModel):
     `ln2rn`: vision LayerNorms -> RMSNorms (needed to rotate the vision stream); `rotate`: fold norm
     gains, random-sign Hadamard R1 on the language stream and R1ᵥ on the vision stream, per-head R2;
     `online_hadamard`: R4 before down_proj and the vision MLP's second linear. `seed` picks the signs.
+    `rms`: split channel 0 of the online-Hadamard input off the quantized path (every vision layer;
+    language layers where the outlier test of ALGORITHMS.md §6.3 fires, with `rms_threshold` the
+    fraction of outlier weight rows); `rms_channel0` says how that branch runs (`fp` or `int8`).
     """
 
     ln2rn: bool = False
     rotate: bool = False
     online_hadamard: bool = False
+    rms: bool = False
+    rms_channel0: Literal["fp", "int8"] = "fp"
+    rms_threshold: float = 0.05
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _rms_needs_online_hadamard(self) -> "TransformScheme":
+        if self.rms and not self.online_hadamard:
+            raise ValueError("rms splits channel 0 of the online Hadamard: it needs online_hadamard=true")
+        return self
 
     @property
     def any(self) -> bool:

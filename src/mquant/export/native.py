@@ -28,7 +28,7 @@ from mquant.recipe import Recipe
 from mquant.runtime.online import OnlineHadamardLinear
 from mquant.runtime.qlinear import QuantLinear, quant_linears
 from mquant.transforms.hadamard import HadamardSpec
-from mquant.transforms.ln2rn import WeightlessRMSNorm
+from mquant.transforms.ln2rn import CenteringNorm, MaskedRMSNorm, StreamStart, WeightlessRMSNorm
 
 MANIFEST = "mquant_checkpoint.json"
 FORMAT = "mquant-native"
@@ -105,23 +105,35 @@ def load_quantized(path: str | os.PathLike) -> VLM:
     return VLM(model, tokenizer, processor, family, str(path), quant_info)
 
 
+NORM_TYPES = {WeightlessRMSNorm: "weightless_rms_norm", CenteringNorm: "centering_norm",
+              MaskedRMSNorm: "masked_rms_norm"}
+
+
 def structural_replacements(model: torch.nn.Module) -> dict[str, dict]:
     """Modules the transforms put in place of the original classes (other than QuantLinear)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, WeightlessRMSNorm):
-            out[name] = {"type": "weightless_rms_norm", "eps": m.eps}
+        if isinstance(m, WeightlessRMSNorm):  # and its centring / masked variants
+            out[name] = {"type": NORM_TYPES[type(m)], "eps": m.eps}
+        elif isinstance(m, StreamStart):
+            out[name] = {"type": "stream_start", "width": m.writer.in_features, "eps": m.eps}
         elif isinstance(m, OnlineHadamardLinear):
             out[name] = {"type": "online_hadamard_linear", "hadamard": m.input_transform.spec.to_json(),
-                         "out_features": m.weight.shape[0], "bias": m.bias is not None}
+                         "out_features": m.weight.shape[0], "bias": m.bias is not None,
+                         "split_channel0": m.split_channel0}
     return out
 
 
 def rebuild_replacement(desc: dict) -> torch.nn.Module:
-    if desc["type"] == "weightless_rms_norm":
-        return WeightlessRMSNorm(desc["eps"])
+    norms = {v: k for k, v in NORM_TYPES.items()}
+    if desc["type"] in norms:
+        return norms[desc["type"]](desc["eps"])
+    if desc["type"] == "stream_start":
+        return StreamStart(desc["width"], desc["eps"])
     if desc["type"] == "online_hadamard_linear":
-        return OnlineHadamardLinear(HadamardSpec(**desc["hadamard"]), desc["out_features"], desc["bias"])
+        module = OnlineHadamardLinear(HadamardSpec(**desc["hadamard"]), desc["out_features"], desc["bias"])
+        module.split_channel0 = bool(desc.get("split_channel0", False))
+        return module
     raise MquantError(f"unknown module type in checkpoint: {desc['type']!r}")
 
 

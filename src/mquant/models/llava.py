@@ -17,7 +17,8 @@ CLIP_LAYER = BlockLayout(
     attention=AttentionLayout(v="self_attn.v_proj", o="self_attn.out_proj"),
     online_hadamard=("mlp.fc2",),
 )
-CLIP_EMBEDDINGS = BlockLayout(groups=(("patch_embedding",),), residual_writers=("patch_embedding",))
+# The patch embedding writes the pre-norm embedding, not the stream (which starts at pre_layrnorm).
+CLIP_EMBEDDINGS = BlockLayout(groups=(("patch_embedding",),))
 PROJECTOR = BlockLayout(groups=(("linear_1",), ("linear_2",)), residual_writers=("linear_2",))
 
 
@@ -38,6 +39,13 @@ class ClipImages:
         if config.vision_feature_select_strategy == "full":  # the CLS token is kept as a feature
             n += 1
         return {"pixel_values": pixel_values}, [n] * len(images)
+
+
+def _projector_reads_raw_stream(config) -> tuple[tuple[str, int], ...]:
+    """LLaVA's projector reads CLIP hidden state(s) with no norm between (several, concatenated,
+    when `vision_feature_layer` is a list)."""
+    layers = config.vision_feature_layer
+    return (("model.multi_modal_projector.linear_1", len(layers) if isinstance(layers, (list, tuple)) else 1),)
 
 
 def _tiny_config(ids: dict[str, int]) -> LlavaConfig:
@@ -79,6 +87,8 @@ FAMILY = ModelFamily(
     special_tokens=("<pad>", "<s>", "</s>", "<image>"),
     eos_token="</s>",
     pad_token="<pad>",
+    vision_stream_start="model.vision_tower.pre_layrnorm",
+    vision_raw_readers=_projector_reads_raw_stream,
     tiny_config=_tiny_config,
     tiny_image_size=28,
 )

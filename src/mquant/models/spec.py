@@ -112,6 +112,11 @@ class ModelFamily:
     # through the declared norms, so LN2RN is exact as it stands. CLIP towers are not: a norm at the
     # start of the stream (pre_layrnorm) and a raw reader (LLaVA reads layer -2) need more surgery.
     vision_stream_closed: bool = False
+    # An open LayerNorm stream (ALGORITHMS.md §5.3-5.4): the norm whose output is the stream, and the
+    # linears that read the stream raw (no norm between), each with how many stream vectors it
+    # reads side by side (from the config, e.g. LLaVA may concatenate several feature layers).
+    vision_stream_start: str | None = None
+    vision_raw_readers: Callable[[Any], tuple[tuple[str, int], ...]] = field(default=lambda config: ())
     # The language model's final norm and output head (the head reads the residual stream).
     final_norm: str = "model.language_model.norm"
     lm_head: str = "lm_head"

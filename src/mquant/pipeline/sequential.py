@@ -24,8 +24,8 @@ from mquant.models.vlm import VLM
 from mquant.numerics.observers import ActivationObserver
 from mquant.pipeline.capture import BlockCall, capture_block_inputs, replay
 from mquant.recipe import PartScheme, Recipe
-from mquant.runtime.patches import linear_input, weight_2d
-from mquant.runtime.qlinear import QuantLinear
+from mquant.runtime.patches import splits_channel0, transformed_input, weight_2d
+from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
 
 
 def quantize_parts(
@@ -61,28 +61,47 @@ def _quantize_block(
     records = []
     for group in segment.layout.groups:
         modules = [block.get_submodule(name) for name in group]
-        hessian, observer = _collect_group_statistics(block, modules[0], calls, scheme, recipe.seed, device)
+        channel0 = _channel0_mode(modules[0], scheme, recipe)
+        hessian, observer, channel0_observer = _collect_group_statistics(
+            block, modules[0], calls, scheme, recipe.seed, device, channel0 == "int8")
         input_qparams = observer.compute() if observer else None
+        channel0_scale = channel0_observer.compute()[0] if channel0_observer else None
         for name, module in zip(group, modules):
-            q, record = _quantize_linear(module, scheme, hessian, input_qparams)
+            q, record = _quantize_linear(module, scheme, hessian, input_qparams, channel0, channel0_scale)
             q.act_quant_enabled = recipe.propagate_activation_quant
             block.set_submodule(name, q)
             records.append({"name": f"{block_name}.{name}", "part": part, **record})
     return records
 
 
-def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme, seed: int, device: str):
-    """Replay the block once; the group's shared input feeds the Hessian and the observer."""
+def _channel0_mode(module: nn.Module, scheme: PartScheme, recipe: Recipe) -> str | None:
+    """How an RMS-split layer runs its channel-0 branch: int8 needs a static activation grid to
+    sit beside, otherwise it stays in floating point."""
+    if not splits_channel0(module):
+        return None
+    acts = scheme.input_activations
+    static = acts is not None and not acts.dynamic
+    return "int8" if recipe.transforms.rms_channel0 == "int8" and static else "fp"
+
+
+def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme, seed: int, device: str,
+                              observe_channel0: bool = False):
+    """Replay the block once; the group's shared input feeds the Hessian and the observer (the main
+    path's columns only: an RMS channel 0 has its own observer when it is quantized)."""
     acts = scheme.input_activations
     observer = ActivationObserver(acts, seed=seed) if acts is not None and not acts.dynamic else None
+    channel0_observer = ActivationObserver(CHANNEL0_INT8, seed=seed) if observe_channel0 else None
     hessian = HessianAccumulator(weight_2d(first).shape[1]) if scheme.weights is not None else None
 
     def hook(module, args):
-        x = linear_input(module, args[0])
+        full = transformed_input(module, args[0])
+        x = full[:, 1:] if splits_channel0(module) else full
         if hessian is not None:
             hessian.add(x)
         if observer is not None:
             observer.observe(x)
+        if channel0_observer is not None:
+            channel0_observer.observe(full[:, :1])
 
     handle = first.register_forward_pre_hook(hook)
     try:
@@ -90,10 +109,11 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
             replay(block, call, device)
     finally:
         handle.remove()
-    return hessian, observer
+    return hessian, observer, channel0_observer
 
 
-def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qparams):
+def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qparams, channel0: str | None = None,
+                     channel0_scale: torch.Tensor | None = None):
     w = weight_2d(module).float()
     acts = scheme.input_activations
     record = {
@@ -102,7 +122,7 @@ def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qpara
         "a_bits": acts.num_bits if acts else 16,
         "dynamic": bool(acts and acts.dynamic),
         "input_scale": float(input_qparams[0]) if input_qparams else None,
-        "rms_split": False,
+        "rms_split": channel0 is not None,
     }
     qweight = None
     if scheme.weights is not None:
@@ -118,4 +138,5 @@ def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qpara
         record["weight_error"] = relative_output_error(w, qweight.dequantize(), H)
     else:
         record.update(algorithm=None, weight_error=0.0)
-    return QuantLinear.from_float(module, qweight, acts, input_qparams), record
+    q = QuantLinear.from_float(module, qweight, acts, input_qparams, channel0, channel0_scale)
+    return q, record

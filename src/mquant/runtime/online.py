@@ -3,7 +3,8 @@
 The input of down_proj / the ViT's fc2 comes out of a nonlinearity, so no offline rotation reaches
 it. Split R4 in two halves: offline W ← W·H (fused in float64, zero columns appended when the width
 had to be padded), online x ← x·H just before the activation quantizer. Then
-(xH)(WH)ᵀ = x Wᵀ exactly.
+(xH)(WH)ᵀ = x Wᵀ exactly. With `split_channel0` (RMS, ALGORITHMS.md §6) channel 0 of xH is computed
+as its own rank-1 branch, the same function regrouped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class OnlineHadamardLinear(nn.Module):
         self.input_transform = FastHadamard(spec)
         self.weight = nn.Parameter(torch.zeros(out_features, spec.order), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.split_channel0 = False
 
     @classmethod
     @torch.no_grad()
@@ -37,4 +39,10 @@ class OnlineHadamardLinear(nn.Module):
         return module.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_transform(x).to(self.weight.dtype), self.weight, self.bias)
+        x = self.input_transform(x).to(self.weight.dtype)
+        if not self.split_channel0:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x[..., 1:], self.weight[:, 1:], self.bias) + x[..., :1] * self.weight[:, 0]
+
+    def extra_repr(self) -> str:
+        return f"order={self.input_transform.spec.order}, out={self.weight.shape[0]}, split_channel0={self.split_channel0}"

@@ -45,9 +45,9 @@ class PatchGeometry:
         return y.movedim(-1, 1)
 
 
-def linear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The 2-D [rows, in_features] input that a linear or patch conv multiplies with its weight,
-    after any online input transform (what GPTQ and the activation observers must see)."""
+def transformed_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The full 2-D [rows, width] input a linear or patch conv multiplies with its weight, after
+    any online input transform (for an RMS-split layer this still includes channel 0)."""
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         x, _ = PatchGeometry.of(module).unfold(x)
     transform = getattr(module, "input_transform", None)
@@ -56,5 +56,19 @@ def linear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def splits_channel0(module: nn.Module) -> bool:
+    """Whether channel 0 of the (rotated) input runs on its own RMS branch (ALGORITHMS.md §6)."""
+    return bool(getattr(module, "split_channel0", False))
+
+
+def linear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the quantized main path multiplies: what GPTQ and the activation observers must see
+    (the transformed input, without channel 0 when RMS splits it off)."""
+    x = transformed_input(module, x)
+    return x[:, 1:] if splits_channel0(module) else x
+
+
 def weight_2d(module: nn.Module) -> torch.Tensor:
-    return module.weight.detach().reshape(module.weight.shape[0], -1)
+    """The main path's [out, in] weight (without column 0 when RMS splits it off)."""
+    w = module.weight.detach().reshape(module.weight.shape[0], -1)
+    return w[:, 1:] if splits_channel0(module) else w

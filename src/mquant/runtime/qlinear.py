@@ -3,6 +3,11 @@
 Weights are stored as integer codes plus scales (packed two per byte in checkpoints when 4-bit) and
 dequantized once; activations are fake-quantized on every call with a static scale fixed at
 calibration, or dynamically per token. A call counter proves the quantizer ran.
+
+An RMS-split layer (ALGORITHMS.md §6) computes channel 0 of its Hadamard-rotated input apart from
+the quantized main path: `channel0="fp"` keeps that weight column and activation in floating point
+(as the reference code), `"int8"` puts both on their own per-tensor int8 grids (static scale for
+the activation).
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from mquant.numerics.args import QuantArgs
 from mquant.numerics.grid import dynamic_fake_quantize, fake_quantize
 from mquant.numerics.packing import pack_int4, unpack_int4
 from mquant.numerics.qweight import QuantizedWeight, codes_dtype
-from mquant.runtime.patches import PatchGeometry
+from mquant.runtime.patches import PatchGeometry, splits_channel0, weight_2d
 from mquant.transforms.hadamard import FastHadamard, HadamardSpec
+
+
+# The RMS channel-0 activation grid of `channel0="int8"`: symmetric int8, one static scale.
+CHANNEL0_INT8 = QuantArgs(num_bits=8, strategy="tensor")
 
 
 def _weight_param_shapes(args: QuantArgs, out_f: int, in_f: int) -> tuple[int, ...]:
@@ -37,10 +46,13 @@ class QuantLinear(nn.Module):
         act_args: QuantArgs | None,
         patch: PatchGeometry | None = None,
         hadamard: HadamardSpec | None = None,
+        channel0: str | None = None,
     ) -> None:
         super().__init__()
+        if channel0 not in (None, "fp", "int8"):
+            raise ValueError(f"channel0 must be None, 'fp' or 'int8', got {channel0!r}")
         # An online Hadamard runs on the input before the activation quantizer; `in_features` is
-        # then the transformed (possibly padded) width.
+        # then the transformed (possibly padded) width, less channel 0 when RMS splits it off.
         self.input_transform = FastHadamard(hadamard) if hadamard is not None else None
         self.in_features, self.out_features = in_features, out_features
         self.weight_args, self.act_args, self.patch = weight_args, act_args, patch
@@ -57,6 +69,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_scale", torch.ones(1))
             if not act_args.symmetric:
                 self.register_buffer("input_zero_point", torch.zeros(1))
+        self.channel0 = channel0
+        if channel0 == "fp":
+            self.register_buffer("channel0_weight", torch.zeros(out_features))
+        elif channel0 == "int8":
+            self.register_buffer("channel0_codes", torch.zeros(out_features, dtype=torch.int8))
+            self.register_buffer("channel0_scale", torch.ones(1))
+            self.register_buffer("channel0_input_scale", torch.ones(1))
         self.act_quant_enabled = True
         self.calls = 0
         self._dequantized: torch.Tensor | None = None
@@ -69,14 +88,22 @@ class QuantLinear(nn.Module):
         qweight: QuantizedWeight | None,
         act_args: QuantArgs | None,
         input_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        channel0: str | None = None,
+        channel0_input_scale: torch.Tensor | None = None,
     ) -> "QuantLinear":
+        """Wrap `module` (whose main-path weight `qweight` quantized). For an RMS-split module,
+        `channel0` says how the split-off column runs; "int8" needs its static input scale."""
         patch = PatchGeometry.of(module) if isinstance(module, (nn.Conv2d, nn.Conv3d)) else None
         transform = getattr(module, "input_transform", None)
         hadamard = transform.spec if transform is not None else None
-        w = module.weight.detach().reshape(module.weight.shape[0], -1)
+        w = weight_2d(module)
+        if splits_channel0(module) != (channel0 is not None):
+            raise ValueError("channel0 must be given exactly for RMS-split modules")
         q = cls(w.shape[1], w.shape[0], module.bias is not None, qweight.args if qweight else None, act_args, patch,
-                hadamard)
+                hadamard, channel0)
         with torch.no_grad():
+            if channel0 is not None:
+                q._set_channel0(module.weight.detach()[:, 0].float(), channel0_input_scale)
             if qweight is None:
                 q.weight_fp.copy_(w.float())
             else:
@@ -89,6 +116,15 @@ class QuantLinear(nn.Module):
             if input_qparams is not None:
                 q.set_input_qparams(*input_qparams)
         return q.to(module.weight.device)
+
+    def _set_channel0(self, column: torch.Tensor, input_scale: torch.Tensor | None) -> None:
+        if self.channel0 == "fp":
+            self.channel0_weight.copy_(column)
+            return
+        scale = (column.abs().max() / 127).clamp(min=1e-8)
+        self.channel0_codes.copy_(torch.round(column / scale).clamp(-128, 127).to(torch.int8))
+        self.channel0_scale.copy_(scale.reshape(1))
+        self.channel0_input_scale.copy_(input_scale.reshape(1))
 
     def set_input_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
         self.input_scale.copy_(scale.reshape(1))
@@ -146,14 +182,26 @@ class QuantLinear(nn.Module):
             return dynamic_fake_quantize(x, args)
         return fake_quantize(x, self.input_scale, getattr(self, "input_zero_point", None), args)
 
+    def channel0_branch(self, x0: torch.Tensor) -> torch.Tensor:
+        """The rank-1 RMS branch: x'_0 · W'_{:,0} ([..., 1] -> [..., out])."""
+        if self.channel0 == "fp":
+            return x0 * self.channel0_weight
+        if self.act_quant_enabled:
+            x0 = fake_quantize(x0, self.channel0_input_scale, None, CHANNEL0_INT8)
+        return x0 * (self.channel0_codes.float() * self.channel0_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.patch is not None:
             x, _ = self.patch.unfold(x)
         if self.input_transform is not None:
             x = self.input_transform(x)
+        if self.channel0 is not None:
+            x0, x = x[..., :1], x[..., 1:]
         w = self.dequantized_weight()
         y = F.linear(self.quantize_input(x).to(w.dtype), w, self.bias)
+        if self.channel0 is not None:
+            y = y + self.channel0_branch(x0.to(w.dtype))
         return self.patch.fold(y) if self.patch is not None else y
 
     def extra_repr(self) -> str:
@@ -162,6 +210,8 @@ class QuantLinear(nn.Module):
         kind = f", patch={self.patch.kernel}" if self.patch else ""
         if self.input_transform is not None:
             kind += f", online_hadamard={self.input_transform.spec.order}"
+        if self.channel0 is not None:
+            kind += f", rms_channel0={self.channel0}"
         return f"in={self.in_features}, out={self.out_features}, weights={w}, inputs={a}{kind}"
 
     def describe(self) -> dict:
@@ -174,6 +224,7 @@ class QuantLinear(nn.Module):
             "input_activations": self.act_args.model_dump() if self.act_args else None,
             "patch": self.patch.to_json() if self.patch else None,
             "online_hadamard": self.input_transform.spec.to_json() if self.input_transform is not None else None,
+            "rms_channel0": self.channel0,
         }
 
     @classmethod
@@ -184,6 +235,7 @@ class QuantLinear(nn.Module):
             QuantArgs(**d["input_activations"]) if d["input_activations"] else None,
             PatchGeometry(tuple(d["patch"]["kernel"])) if d["patch"] else None,
             HadamardSpec(**d["online_hadamard"]) if d.get("online_hadamard") else None,
+            d.get("rms_channel0"),
         )
 
 

@@ -1,50 +1,108 @@
 """Apply the recipe's function-preserving transforms to a model, before quantization.
 
 Order (ALGORITHMS.md, pipeline at a glance): LN2RN on the vision encoder, fold RMSNorm gains, rotate
-the language (R1) and vision (R1ᵥ) streams, per-head V/O rotations (R2), online Hadamard (R4).
+the language (R1) and vision (R1ᵥ) streams, per-head V/O rotations (R2), online Hadamard (R4), then
+the RMS channel-0 split. Each step is also callable on its own (`apply_step`), which is how
+`mquant verify` measures the model after every step.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import torch
+
+from mquant.algorithms.rms import ChannelZeroStats, should_split
 from mquant.models.vlm import VLM
+from mquant.runtime.online import OnlineHadamardLinear
+from mquant.runtime.patches import transformed_input
 from mquant.transforms.fuse_norms import fold_norm_gains
 from mquant.transforms.ln2rn import ln2rn_vision
 from mquant.transforms.online import apply_online_hadamard
-from mquant.transforms.rotate import random_hadamard, rotate_language_heads, rotate_part_heads, rotate_stream
+from mquant.transforms.rotate import centred_random_hadamard, random_hadamard, rotate_language_heads, rotate_part_heads, rotate_stream
+
+STEPS = ("ln2rn", "rotate", "online_hadamard", "rms")
 
 
-def apply_transforms(vlm: VLM, scheme) -> dict:
-    """Apply `scheme` (a `TransformScheme`) in place; returns what was done, for the report."""
-    model, family = vlm.model, vlm.family
-    info: dict = {"ln2rn": False, "rotated_streams": [], "online_hadamard": [], "warnings": []}
+def new_info() -> dict:
+    """What the steps record (it lands in `quant_report.json` under `transforms`)."""
+    return {"ln2rn": False, "rotated_streams": [], "online_hadamard": [], "rms": {}, "warnings": []}
 
-    def skip(message: str) -> None:
-        warnings.warn(message)
-        info["warnings"].append(message)
 
-    if scheme.ln2rn:
-        if family.vision_stream_closed:
-            ln2rn_vision(model, family)
-            info["ln2rn"] = True
-        else:
-            skip(f"LN2RN is not implemented for the {family.name} vision tower; its LayerNorms are kept")
-    if scheme.rotate:
-        fold_norm_gains(model, family, ("language",))
-        text = model.config.text_config
-        rotate_stream(model, family, "language", random_hadamard(text.hidden_size, scheme.seed))
-        rotate_language_heads(model, family, seed=None)  # exact Hadamard per head, as the reference
-        info["rotated_streams"].append("language")
-        vc = model.config.vision_config
-        width = getattr(vc, "embed_dim", None) or vc.hidden_size
-        heads = getattr(vc, "num_heads", None) or vc.num_attention_heads
-        rotate_part_heads(model, family, "vision", heads, heads, width // heads, seed=scheme.seed + 2)
-        if info["ln2rn"]:
-            rotate_stream(model, family, "vision", random_hadamard(width, scheme.seed + 1))
-            info["rotated_streams"].append("vision")
-        else:
-            skip("the vision stream is not rotated: it still has LayerNorms (LN2RN off or unavailable)")
-    if scheme.online_hadamard:
-        info["online_hadamard"] = apply_online_hadamard(model, family, ("vision", "language"))
+def enabled_steps(scheme) -> list[str]:
+    return [name for name in STEPS if getattr(scheme, name)]
+
+
+def apply_transforms(vlm: VLM, scheme, batches: list[dict] | None = None) -> dict:
+    """Apply every step `scheme` (a `TransformScheme`) enables, in place; returns what was done.
+    `batches` (calibration inputs) feed the RMS activation test."""
+    info = new_info()
+    for name in enabled_steps(scheme):
+        apply_step(vlm, name, scheme, info, batches)
     return info
+
+
+def apply_step(vlm: VLM, name: str, scheme, info: dict, batches: list[dict] | None = None) -> None:
+    if name not in STEPS:
+        raise ValueError(f"unknown transform {name!r}")
+    {"ln2rn": _ln2rn, "rotate": _rotate, "online_hadamard": _online_hadamard, "rms": _rms}[name](
+        vlm, scheme, info, batches)
+
+
+def _skip(info: dict, message: str) -> None:
+    warnings.warn(message)
+    info["warnings"].append(message)
+
+
+def _ln2rn(vlm: VLM, scheme, info: dict, batches) -> None:
+    ln2rn_vision(vlm.model, vlm.family)
+    info["ln2rn"] = True
+
+
+def _rotate(vlm: VLM, scheme, info: dict, batches) -> None:
+    model, family = vlm.model, vlm.family
+    fold_norm_gains(model, family, ("language",))
+    rotate_stream(model, family, "language", random_hadamard(model.config.text_config.hidden_size, scheme.seed))
+    rotate_language_heads(model, family, seed=None)  # exact Hadamard per head, as the reference
+    info["rotated_streams"].append("language")
+    vc = model.config.vision_config
+    width = getattr(vc, "embed_dim", None) or vc.hidden_size
+    heads = getattr(vc, "num_heads", None) or vc.num_attention_heads
+    rotate_part_heads(model, family, "vision", heads, heads, width // heads, seed=scheme.seed + 2)
+    if info["ln2rn"]:
+        Q = (random_hadamard if family.vision_stream_closed else centred_random_hadamard)(width, scheme.seed + 1)
+        rotate_stream(model, family, "vision", Q)
+        info["rotated_streams"].append("vision")
+    else:
+        _skip(info, "the vision stream is not rotated: it still has LayerNorms (LN2RN off or unavailable)")
+
+
+def _online_hadamard(vlm: VLM, scheme, info: dict, batches) -> None:
+    info["online_hadamard"] = apply_online_hadamard(vlm.model, vlm.family, ("vision", "language"))
+
+
+@torch.no_grad()
+def _rms(vlm: VLM, scheme, info: dict, batches) -> None:
+    """Split channel 0 of every vision online-Hadamard layer, and of each language one whose weight
+    or (given calibration `batches`) activation test fires."""
+    modules = {name: vlm.model.get_submodule(name) for name in info["online_hadamard"]}
+    if not modules:
+        raise ValueError("rms needs the online Hadamard step first")
+    stats = {name: ChannelZeroStats() for name in modules}
+    if batches:
+        handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.observe(transformed_input(mod, args[0])))
+                   for n, m in modules.items()]
+        try:
+            for batch in batches:
+                vlm.model(**batch)
+        finally:
+            for h in handles:
+                h.remove()
+    vision = tuple(f"{block}." for seg in vlm.family.part("vision").segments for block, _ in seg.blocks(vlm.model))
+    for name, module in modules.items():
+        assert isinstance(module, OnlineHadamardLinear)
+        split, evidence = should_split(module.weight, stats[name] if batches else None, scheme.rms_threshold)
+        is_vision = name.startswith(vision)
+        module.split_channel0 = is_vision or split
+        info["rms"][name] = {"split": module.split_channel0, "rule": "vision: always" if is_vision else "detected",
+                             **evidence}

@@ -5,11 +5,21 @@ the residual stream produces zero-mean outputs ("baking the mean out": W ← C·
 C = I - 11ᵀ/d), the stream is zero-mean and LN(x) = γ ⊙ x/rms(x) + β. Folding γ and β into the
 readers (b ← b + Wβ, W ← W·diag(γ)) then leaves a weightless RMSNorm, which rotations commute with.
 A token-merging reader (Qwen2-VL's merger) is folded chunk by chunk.
+
+That needs a *closed* stream: one whose writers can all be mean-baked and whose every reader sits
+behind a norm. CLIP (LLaVA) is open: its stream starts at a LayerNorm (`pre_layrnorm`, whose gain
+and shift live in the stream) and the projector reads a hidden state raw, so mean-baking would
+change what it reads (§5.3-5.4). There the stream keeps its mean: γ, β are folded into the readers,
+each LayerNorm becomes a weightless centring norm, and the stream-start norm becomes a weightless
+norm followed by an FP linear writer (diag γ, β). Rotating such a stream by a Q whose first column
+is 1/sqrt(d) puts sqrt(d)·mean in channel 0, where a centring norm becomes a masked RMSNorm (drop
+channel 0, divide by the RMS over all d channels): exact, and rotation-friendly.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mquant.models.spec import ModelFamily
@@ -31,6 +41,45 @@ class WeightlessRMSNorm(nn.Module):
         return f"eps={self.eps}"
 
 
+class CenteringNorm(WeightlessRMSNorm):
+    """(x - mean(x)) / std(x): a LayerNorm with γ and β folded away (open streams, before rotation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class MaskedRMSNorm(WeightlessRMSNorm):
+    """A centring norm seen in a basis whose channel 0 is sqrt(d)·mean (ALGORITHMS.md §5.3): zero
+    channel 0, then divide by sqrt(|x|²/d + eps), with d the full width."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = torch.cat([torch.zeros_like(x[..., :1]), x[..., 1:]], dim=-1).float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+
+
+class StreamStart(nn.Module):
+    """A LayerNorm whose output *is* the stream (CLIP's pre_layrnorm), split into its weightless
+    normalization and an FP linear `writer` holding γ and β (and, once rotated, Q): ALGORITHMS.md §5.4."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.writer = nn.Linear(width, width)
+
+    @classmethod
+    @torch.no_grad()
+    def from_layer_norm(cls, norm: nn.LayerNorm) -> "StreamStart":
+        d = norm.normalized_shape[0]
+        module = cls(d, norm.eps).to(norm.weight.dtype)
+        module.writer.weight.copy_(torch.diag(norm.weight))
+        module.writer.bias.copy_(norm.bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.writer(F.layer_norm(x, (x.shape[-1],), eps=self.eps))
+
+
 @torch.no_grad()
 def bake_mean(writer: nn.Module) -> None:
     """Make the writer's output zero-mean over output channels (works for linears and convs)."""
@@ -42,9 +91,8 @@ def bake_mean(writer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fold_layer_norm(norm: nn.LayerNorm, readers: list[nn.Module], chunks: int = 1) -> WeightlessRMSNorm:
-    """Fold γ, β into the readers (each reading `chunks` normalized tokens side by side); returns
-    the weightless RMSNorm that replaces the LayerNorm."""
+def fold_layer_norm(norm: nn.LayerNorm, readers: list[nn.Module], chunks: int = 1) -> None:
+    """Fold γ, β into the readers (each reading `chunks` normalized tokens side by side)."""
     if not isinstance(norm, nn.LayerNorm):
         raise ValueError(f"expected a LayerNorm, got {type(norm).__name__}")
     d = norm.normalized_shape[0]
@@ -57,26 +105,32 @@ def fold_layer_norm(norm: nn.LayerNorm, readers: list[nn.Module], chunks: int = 
             linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=linear.weight.dtype), requires_grad=False)
         linear.bias.copy_((linear.bias.double() + shift).to(linear.bias.dtype))
         linear.weight.copy_((w * gamma.repeat(chunks)).to(linear.weight.dtype))
-    return WeightlessRMSNorm(norm.eps)
 
 
 def ln2rn_vision(model: nn.Module, family: ModelFamily) -> int:
     """Apply LN2RN to the vision encoder and the norm-led projector. Returns the number of norms
-    replaced. The family must declare its vision stream closed (see `ModelFamily`)."""
-    if not family.vision_stream_closed:
-        raise NotImplementedError(f"LN2RN for the {family.name} vision tower is not implemented yet "
-                                  "(its stream has a stream-start norm or a raw reader)")
-    for segment in family.part("vision").segments:
-        for _, block in segment.blocks(model):
-            for name in segment.layout.residual_writers:
-                bake_mean(block.get_submodule(name))
+    replaced: by weightless RMSNorms on a closed stream (writers mean-baked), by centring norms on
+    an open one (see the module docstring)."""
+    if not family.vision_stream_closed and family.vision_stream_start is None:
+        raise NotImplementedError(f"LN2RN for the {family.name} vision tower is not implemented: declare its "
+                                  "stream closed or name the norm its stream starts at")
+    if family.vision_stream_closed:
+        for segment in family.part("vision").segments:
+            for _, block in segment.blocks(model):
+                for name in segment.layout.residual_writers:
+                    bake_mean(block.get_submodule(name))
+        replacement = WeightlessRMSNorm
+    else:
+        model.set_submodule(family.vision_stream_start,
+                            StreamStart.from_layer_norm(model.get_submodule(family.vision_stream_start)))
+        replacement = CenteringNorm
     replaced = 0
     for part in ("vision", "projector"):
         for segment in family.part(part).segments:
             for _, block in segment.blocks(model):
                 for norm_name, readers in segment.layout.norm_readers:
-                    rms = fold_layer_norm(block.get_submodule(norm_name),
-                                          [block.get_submodule(r) for r in readers], segment.layout.norm_chunks)
-                    block.set_submodule(norm_name, rms)
+                    norm = block.get_submodule(norm_name)
+                    fold_layer_norm(norm, [block.get_submodule(r) for r in readers], segment.layout.norm_chunks)
+                    block.set_submodule(norm_name, replacement(norm.eps))
                     replaced += 1
     return replaced

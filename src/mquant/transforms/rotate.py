@@ -25,6 +25,17 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
     return signs[:, None] * H
 
 
+def centred_random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """Q = H·diag(s)/sqrt(n) with seeded random column signs and s_0 = +1, so that the first column
+    is 1/sqrt(n): the rotation an open LayerNorm stream needs (channel 0 of xQ is sqrt(n)·mean(x))."""
+    spec = hadamard_spec(n)
+    if spec.padded:
+        raise ValueError(f"width {n} has no Hadamard construction; a residual stream cannot be padded")
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
+    signs[0] = 1
+    return torch.tensor(dense_hadamard(spec), dtype=torch.float64) * signs / n**0.5
+
+
 @torch.no_grad()
 def rotate_reader(linear: nn.Module, Q: torch.Tensor, chunks: int = 1) -> None:
     """y = x Wᵀ reads x; with x -> xQ the weight becomes W Q (W (I_chunks ⊗ Q) for a reader of
@@ -82,13 +93,37 @@ def rotate_stream(model: nn.Module, family: ModelFamily, stream: str, Q: torch.T
         embed.weight.copy_((embed.weight.double() @ Q).to(embed.weight.dtype))
     elif stream == "vision":
         readers = _readers(model, family, "vision") + _readers(model, family, "projector")
+        readers += [(model.get_submodule(name), chunks) for name, chunks in family.vision_raw_readers(model.config)]
         writers = _writers(model, family, "vision")
+        if not family.vision_stream_closed:
+            writers.append(_open_stream_start(model, family, Q))
     else:
         raise ValueError(f"unknown stream {stream!r}")
     for module, chunks in readers:
         rotate_reader(module, Q, chunks)
     for module in writers:
         rotate_writer(module, Q)
+
+
+def _open_stream_start(model: nn.Module, family: ModelFamily, Q: torch.Tensor) -> nn.Module:
+    """Prepare an open (centring-normed) vision stream for Q: its centring norms become masked
+    RMSNorms, which needs Q's first column to be 1/sqrt(d). Returns the stream-start writer."""
+    from mquant.transforms.ln2rn import CenteringNorm, MaskedRMSNorm, StreamStart
+
+    start = model.get_submodule(family.vision_stream_start) if family.vision_stream_start else None
+    if not isinstance(start, StreamStart):
+        raise ValueError("the vision stream still starts at a LayerNorm: apply LN2RN before rotating it")
+    d = Q.shape[0]
+    if not torch.allclose(Q[:, 0], torch.full((d,), d**-0.5, dtype=Q.dtype)):
+        raise ValueError("an open LayerNorm stream needs a rotation whose first column is 1/sqrt(d)")
+    for part in ("vision", "projector"):
+        for segment in family.part(part).segments:
+            for _, block in segment.blocks(model):
+                for norm_name, _ in segment.layout.norm_readers:
+                    norm = block.get_submodule(norm_name)
+                    if isinstance(norm, CenteringNorm):
+                        block.set_submodule(norm_name, MaskedRMSNorm(norm.eps))
+    return start.writer
 
 
 def head_rotation(head_dim: int, seed: int | None) -> torch.Tensor:
