@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mquant.errors import MquantError
+from mquant.modality.msq import attach_modality_state, per_modality_layers
 from mquant.models.vlm import VLM, load_pretrained
 from mquant.pipeline.calib import CalibrationSet, load_calibration
 from mquant.pipeline.sequential import quantize_parts
@@ -73,6 +74,7 @@ def quantize(
         layers, part_timing = quantize_parts(vlm, recipe, batches, device=device, progress=progress)
         timing.update(part_timing)
         set_activation_quant(vlm.model, True)
+        attach_modality_state(vlm.model, vlm.image_token_id, per_modality_layers(vlm.model))
         guard = verify_quantized(vlm.model, batches[0], fp_logits)
     timing["total"] = time.perf_counter() - start
 
@@ -81,10 +83,6 @@ def quantize(
     for layer in layers:
         layer["rotated"] = layer["part"] in streams or (layer["part"] == "projector" and bool(streams))
         layer["online_hadamard"] = layer["name"] in online
-        scale = layer.pop("input_scale")
-        # Without MSQ one static scale serves every token; the vision side only sees visual tokens.
-        text = scale if layer["part"] == "language" else None
-        layer["a_scales"] = None if scale is None else {"visual": scale, "text": text}
     from mquant import __version__
 
     report = {

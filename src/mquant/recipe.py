@@ -43,10 +43,15 @@ class WeightScheme(QuantArgs):
 
 
 class PartScheme(StrictModel):
-    """Scheme of one model part. `None` weights or activations mean floating point."""
+    """Scheme of one model part. `None` weights or activations mean floating point.
+
+    `modality_scales` (MSQ, language model only): two static activation scales per layer input,
+    one calibrated on visual-token rows and one on text rows.
+    """
 
     weights: WeightScheme | None = None
     input_activations: QuantArgs | None = None
+    modality_scales: bool = False
 
     @model_validator(mode="after")
     def _static_is_per_tensor(self) -> "PartScheme":
@@ -55,6 +60,8 @@ class PartScheme(StrictModel):
             raise ValueError("static activation scales are per tensor (strategy 'tensor')")
         if a is not None and a.strategy in ("channel", "group"):
             raise ValueError("activations are quantized per tensor (static) or per token (dynamic)")
+        if self.modality_scales and (a is None or a.dynamic):
+            raise ValueError("modality_scales are static activation scales: they need static input_activations")
         return self
 
 
@@ -110,6 +117,9 @@ class Recipe(StrictModel):
     def _known_version(self) -> "Recipe":
         if self.version != 1:
             raise ValueError(f"unsupported recipe version {self.version} (this mquant reads version 1)")
+        for part in ("vision", "projector"):
+            if (scheme := getattr(self, part)) is not None and scheme.modality_scales:
+                raise ValueError(f"{part}.modality_scales: only the language model sees two modalities")
         if self.smoothquant is not None and self.transforms.rotate:
             # Folding gains before rotating cancels the smoothing (ALGORITHMS.md §11.2).
             raise ValueError("smoothquant and transforms.rotate do not compose; choose one")
@@ -181,6 +191,20 @@ def _everywhere(name: str, description: str, weights, acts, **extra) -> Recipe:
 
 
 _QUAROT = TransformScheme(ln2rn=True, rotate=True, online_hadamard=True)
+_MQUANT = TransformScheme(ln2rn=True, rotate=True, online_hadamard=True, rms=True)
+
+
+def _mquant(name: str, description: str, vision_bits: tuple[int, int], language_bits: tuple[int, int]) -> Recipe:
+    """MQuant: LN2RN, rotations, online Hadamard, RMS, GPTQ, static activations with per-modality
+    (MSQ) scales in the language model. A4 grids use the MSE clip search per modality."""
+    def acts(bits: int) -> QuantArgs:
+        return _a_static(bits, "mse" if bits <= 4 else "minmax")
+
+    vision = PartScheme(weights=_w(vision_bits[0]), input_activations=acts(vision_bits[1]))
+    language = PartScheme(weights=_w(language_bits[0]), input_activations=acts(language_bits[1]),
+                          modality_scales=True)
+    return Recipe(name=name, description=description, vision=vision, projector=vision, language=language,
+                  transforms=_MQUANT)
 
 
 def _build_presets() -> dict[str, Recipe]:
@@ -202,6 +226,12 @@ def _build_presets() -> dict[str, Recipe]:
                     "per-token int8 activations (QuaRot as published)", _w(4), _a_dynamic(8), transforms=_QUAROT),
         _everywhere("quarot-w4a4", "Hadamard rotations + online Hadamard + GPTQ int4, static int4 "
                     "activations (MSE clip)", _w(4), _a_static(4, "mse"), transforms=_QUAROT),
+        _mquant("mquant-w4a8", "MQuant: LN2RN + rotations + online Hadamard + RMS + GPTQ int4, static int8 "
+                "activations with per-modality scales in the language model", (4, 8), (4, 8)),
+        _mquant("mquant-w8a8-w4a8", "MQuant with a W8A8 vision encoder and projector, W4A8 language model",
+                (8, 8), (4, 8)),
+        _mquant("mquant-w8a8", "MQuant at W8A8 everywhere", (8, 8), (8, 8)),
+        _mquant("mquant-w4a4", "MQuant at W4A4: static int4 activations, MSE clip per modality", (4, 4), (4, 4)),
     ]
     return {r.name: r for r in presets}
 

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from mquant.errors import MquantError
 from mquant.fileio import atomic_directory, write_json_atomic, write_text_atomic
+from mquant.modality.msq import attach_modality_state, per_modality_layers
 from mquant.models.registry import family_for_architectures
 from mquant.models.vlm import VLM
 from mquant.recipe import Recipe
@@ -102,7 +103,9 @@ def load_quantized(path: str | os.PathLike) -> VLM:
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = family.images.load_processor(str(path))
     quant_info = {"recipe": Recipe.from_yaml(recipe, str(path / "recipe.yaml")).to_dict(), "report": report}
-    return VLM(model, tokenizer, processor, family, str(path), quant_info)
+    vlm = VLM(model, tokenizer, processor, family, str(path), quant_info)
+    attach_modality_state(model, vlm.image_token_id, per_modality_layers(model))
+    return vlm
 
 
 NORM_TYPES = {WeightlessRMSNorm: "weightless_rms_norm", CenteringNorm: "centering_norm",

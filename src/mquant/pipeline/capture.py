@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from mquant.errors import MquantError
+
 
 class _Captured(Exception):
     """Raised by the hook to stop the model's forward once the block input is stored."""
@@ -62,7 +64,9 @@ def _store(args: tuple, kwargs: dict) -> BlockCall:
 def capture_block_inputs(
     run_model: Callable[[dict], Any], block: nn.Module, batches: Iterable[dict]
 ) -> list[BlockCall]:
-    """Run the model on each batch until `block` is entered; return what it was called with."""
+    """Run the model on each batch until `block` is entered; return what it was called with.
+
+    Batches that never reach the block (text-only samples, for a vision block) are skipped."""
     calls: list[BlockCall] = []
 
     def hook(_module, args, kwargs):
@@ -76,9 +80,11 @@ def capture_block_inputs(
                 run_model(batch)
             except _Captured:
                 continue
-            raise RuntimeError(f"{type(block).__name__} was never called: the segment path is wrong for this model")
     finally:
         handle.remove()
+    if not calls:
+        raise MquantError(f"{type(block).__name__} was never called on the calibration data: it needs samples "
+                          "that reach it (images, for the vision side)")
     return calls
 
 

@@ -12,6 +12,7 @@ and only the current block sits on `device`.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from tqdm.auto import tqdm
 
 from mquant.algorithms.gptq import HessianAccumulator, gptq_quantize, relative_output_error
 from mquant.algorithms.rtn import rtn_quantize
+from mquant.errors import MquantError
+from mquant.modality.msq import ModalityState, visual_rows
 from mquant.models.spec import Segment
 from mquant.models.vlm import VLM
 from mquant.numerics.observers import ActivationObserver
@@ -40,12 +43,16 @@ def quantize_parts(
         if scheme is None or (scheme.weights is None and scheme.input_activations is None):
             continue
         start = time.perf_counter()
+        # MSQ: the visual-row mask of every calibration call (calls are captured one per batch).
+        modality = ModalityState(vlm.image_token_id) if scheme.modality_scales else None
+        masks = [visual_rows(b, vlm.image_token_id) for b in batches] if modality else None
         for segment in part.segments:
             blocks = segment.blocks(vlm.model)
             calls = capture_block_inputs(run_model, blocks[0][1], batches)
             bar = tqdm(blocks, desc=f"{part.name}: {segment.path}", disable=not progress, leave=False)
             for index, (block_name, block) in enumerate(bar):
-                records += _quantize_block(block, block_name, segment, calls, scheme, part.name, recipe, device)
+                records += _quantize_block(block, block_name, segment, calls, scheme, part.name, recipe, device,
+                                           modality, masks)
                 if index + 1 < len(blocks):
                     calls = [c.with_hidden(replay(block, c, device).cpu()) for c in calls]
                 block.to("cpu")
@@ -56,22 +63,60 @@ def quantize_parts(
 def _quantize_block(
     block: nn.Module, block_name: str, segment: Segment, calls: list[BlockCall],
     scheme: PartScheme, part: str, recipe: Recipe, device: str,
+    modality: ModalityState | None = None, masks: list[torch.Tensor] | None = None,
 ) -> list[dict]:
     block.to(device)
     records = []
     for group in segment.layout.groups:
         modules = [block.get_submodule(name) for name in group]
         channel0 = _channel0_mode(modules[0], scheme, recipe)
-        hessian, observer, channel0_observer = _collect_group_statistics(
-            block, modules[0], calls, scheme, recipe.seed, device, channel0 == "int8")
-        input_qparams = observer.compute() if observer else None
-        channel0_scale = channel0_observer.compute()[0] if channel0_observer else None
+        stats = _collect_group_statistics(block, modules[0], calls, scheme, recipe.seed, device,
+                                          channel0 == "int8", modality, masks)
+        inputs = stats.freeze(part)
         for name, module in zip(group, modules):
-            q, record = _quantize_linear(module, scheme, hessian, input_qparams, channel0, channel0_scale)
+            q, record = _quantize_linear(module, scheme, stats.hessian, inputs, channel0)
             q.act_quant_enabled = recipe.propagate_activation_quant
+            q.modality = modality
             block.set_submodule(name, q)
             records.append({"name": f"{block_name}.{name}", "part": part, **record})
     return records
+
+
+@dataclass
+class GroupStatistics:
+    """What one replay of a block gathers about a group's shared input."""
+
+    hessian: HessianAccumulator | None
+    observers: dict[str, ActivationObserver]  # "all", or "visual" and "text" under MSQ
+    channel0: ActivationObserver | None  # the RMS channel-0 input, when it is quantized
+
+    def freeze(self, part: str) -> "FrozenInput":
+        def qparams(key: str):
+            observer = self.observers.get(key)
+            if observer is not None and observer.rows_seen == 0:
+                raise MquantError(f"no {key} rows in the calibration data: per-modality scales need samples "
+                                  "with images and text")
+            return observer.compute() if observer is not None else None
+
+        channel0 = self.channel0.compute()[0] if self.channel0 is not None else None
+        if "visual" in self.observers:
+            text, visual = qparams("text"), qparams("visual")
+            return FrozenInput(text, visual, channel0, {"visual": float(visual[0]), "text": float(text[0])})
+        text = qparams("all")
+        # One scale serves every token; the vision side only ever sees visual tokens.
+        scales = None if text is None else {"visual": float(text[0]),
+                                            "text": float(text[0]) if part == "language" else None}
+        return FrozenInput(text, None, channel0, scales)
+
+
+@dataclass
+class FrozenInput:
+    """The static quantization parameters of a group's input (text rows', or every row's)."""
+
+    qparams: tuple | None
+    visual_qparams: tuple | None
+    channel0_scale: torch.Tensor | None
+    a_scales: dict | None  # for the report
 
 
 def _channel0_mode(module: nn.Module, scheme: PartScheme, recipe: Recipe) -> str | None:
@@ -85,35 +130,49 @@ def _channel0_mode(module: nn.Module, scheme: PartScheme, recipe: Recipe) -> str
 
 
 def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme, seed: int, device: str,
-                              observe_channel0: bool = False):
-    """Replay the block once; the group's shared input feeds the Hessian and the observer (the main
-    path's columns only: an RMS channel 0 has its own observer when it is quantized)."""
+                              observe_channel0: bool = False, modality: ModalityState | None = None,
+                              masks: list[torch.Tensor] | None = None) -> GroupStatistics:
+    """Replay the block once; the group's shared input feeds the Hessian and the observer(s) (the
+    main path's columns only: an RMS channel 0 has its own observer when it is quantized). Under
+    MSQ, visual and text rows feed separate observers."""
     acts = scheme.input_activations
-    observer = ActivationObserver(acts, seed=seed) if acts is not None and not acts.dynamic else None
-    channel0_observer = ActivationObserver(CHANNEL0_INT8, seed=seed) if observe_channel0 else None
-    hessian = HessianAccumulator(weight_2d(first).shape[1]) if scheme.weights is not None else None
+    static = acts is not None and not acts.dynamic
+    keys = ("visual", "text") if static and scheme.modality_scales else ("all",) if static else ()
+    stats = GroupStatistics(
+        HessianAccumulator(weight_2d(first).shape[1]) if scheme.weights is not None else None,
+        {k: ActivationObserver(acts, seed=seed) for k in keys},
+        ActivationObserver(CHANNEL0_INT8, seed=seed) if observe_channel0 else None,
+    )
+    current: dict = {}
 
     def hook(module, args):
         full = transformed_input(module, args[0])
         x = full[:, 1:] if splits_channel0(module) else full
-        if hessian is not None:
-            hessian.add(x)
-        if observer is not None:
-            observer.observe(x)
-        if channel0_observer is not None:
-            channel0_observer.observe(full[:, :1])
+        if stats.hessian is not None:
+            stats.hessian.add(x)
+        if "all" in stats.observers:
+            stats.observers["all"].observe(x)
+        elif stats.observers:
+            visual = current["mask"].to(x.device)
+            stats.observers["visual"].observe(x[visual])
+            stats.observers["text"].observe(x[~visual])
+        if stats.channel0 is not None:
+            stats.channel0.observe(full[:, :1])
 
     handle = first.register_forward_pre_hook(hook)
     try:
-        for call in calls:
+        for i, call in enumerate(calls):
+            if masks is not None:
+                current["mask"] = masks[i]
+                modality.visual = masks[i]  # for per-modality layers already quantized in this block
             replay(block, call, device)
     finally:
         handle.remove()
-    return hessian, observer, channel0_observer
+    return stats
 
 
-def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qparams, channel0: str | None = None,
-                     channel0_scale: torch.Tensor | None = None):
+def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian: HessianAccumulator | None,
+                     inputs: FrozenInput, channel0: str | None = None):
     w = weight_2d(module).float()
     acts = scheme.input_activations
     record = {
@@ -121,7 +180,7 @@ def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qpara
         "w_bits": scheme.weights.num_bits if scheme.weights else 16,
         "a_bits": acts.num_bits if acts else 16,
         "dynamic": bool(acts and acts.dynamic),
-        "input_scale": float(input_qparams[0]) if input_qparams else None,
+        "a_scales": inputs.a_scales,
         "rms_split": channel0 is not None,
     }
     qweight = None
@@ -138,5 +197,6 @@ def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian, input_qpara
         record["weight_error"] = relative_output_error(w, qweight.dequantize(), H)
     else:
         record.update(algorithm=None, weight_error=0.0)
-    q = QuantLinear.from_float(module, qweight, acts, input_qparams, channel0, channel0_scale)
+    q = QuantLinear.from_float(module, qweight, acts, inputs.qparams, channel0, inputs.channel0_scale,
+                               inputs.visual_qparams)
     return q, record

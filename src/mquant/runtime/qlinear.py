@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mquant.errors import MquantError
 from mquant.numerics.args import QuantArgs
 from mquant.numerics.grid import dynamic_fake_quantize, fake_quantize
 from mquant.numerics.packing import pack_int4, unpack_int4
@@ -47,6 +48,7 @@ class QuantLinear(nn.Module):
         patch: PatchGeometry | None = None,
         hadamard: HadamardSpec | None = None,
         channel0: str | None = None,
+        per_modality: bool = False,
     ) -> None:
         super().__init__()
         if channel0 not in (None, "fp", "int8"):
@@ -65,10 +67,17 @@ class QuantLinear(nn.Module):
             if not weight_args.symmetric:
                 self.register_buffer("weight_zero_point", torch.zeros(shape))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        if act_args is not None and not act_args.dynamic:
-            self.register_buffer("input_scale", torch.ones(1))
-            if not act_args.symmetric:
-                self.register_buffer("input_zero_point", torch.zeros(1))
+        static = act_args is not None and not act_args.dynamic
+        if per_modality and not static:
+            raise ValueError("per-modality scales are static activation scales")
+        # `input_scale` is the text scale under MSQ (and the only scale otherwise).
+        self.per_modality = per_modality
+        self.modality = None  # a ModalityState, attached by mquant.modality.msq
+        for suffix in ("", "_visual") if per_modality else ("",):
+            if static:
+                self.register_buffer(f"input_scale{suffix}", torch.ones(1))
+                if not act_args.symmetric:
+                    self.register_buffer(f"input_zero_point{suffix}", torch.zeros(1))
         self.channel0 = channel0
         if channel0 == "fp":
             self.register_buffer("channel0_weight", torch.zeros(out_features))
@@ -90,9 +99,12 @@ class QuantLinear(nn.Module):
         input_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         channel0: str | None = None,
         channel0_input_scale: torch.Tensor | None = None,
+        visual_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> "QuantLinear":
         """Wrap `module` (whose main-path weight `qweight` quantized). For an RMS-split module,
-        `channel0` says how the split-off column runs; "int8" needs its static input scale."""
+        `channel0` says how the split-off column runs; "int8" needs its static input scale.
+        `visual_qparams` makes the activation quantizer per-modality (`input_qparams` then being
+        the text rows')."""
         patch = PatchGeometry.of(module) if isinstance(module, (nn.Conv2d, nn.Conv3d)) else None
         transform = getattr(module, "input_transform", None)
         hadamard = transform.spec if transform is not None else None
@@ -100,7 +112,7 @@ class QuantLinear(nn.Module):
         if splits_channel0(module) != (channel0 is not None):
             raise ValueError("channel0 must be given exactly for RMS-split modules")
         q = cls(w.shape[1], w.shape[0], module.bias is not None, qweight.args if qweight else None, act_args, patch,
-                hadamard, channel0)
+                hadamard, channel0, visual_qparams is not None)
         with torch.no_grad():
             if channel0 is not None:
                 q._set_channel0(module.weight.detach()[:, 0].float(), channel0_input_scale)
@@ -115,6 +127,8 @@ class QuantLinear(nn.Module):
                 q.bias.copy_(module.bias.detach().float())
             if input_qparams is not None:
                 q.set_input_qparams(*input_qparams)
+            if visual_qparams is not None:
+                q.set_input_qparams(*visual_qparams, suffix="_visual")
         return q.to(module.weight.device)
 
     def _set_channel0(self, column: torch.Tensor, input_scale: torch.Tensor | None) -> None:
@@ -126,10 +140,10 @@ class QuantLinear(nn.Module):
         self.channel0_scale.copy_(scale.reshape(1))
         self.channel0_input_scale.copy_(input_scale.reshape(1))
 
-    def set_input_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
-        self.input_scale.copy_(scale.reshape(1))
+    def set_input_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None, suffix: str = "") -> None:
+        getattr(self, f"input_scale{suffix}").copy_(scale.reshape(1))
         if zero_point is not None:
-            self.input_zero_point.copy_(zero_point.reshape(1))
+            getattr(self, f"input_zero_point{suffix}").copy_(zero_point.reshape(1))
 
     # -- weights ----------------------------------------------------------------------------------
     def quantized_weight(self) -> QuantizedWeight | None:
@@ -180,7 +194,15 @@ class QuantLinear(nn.Module):
             return x
         if args.dynamic:
             return dynamic_fake_quantize(x, args)
-        return fake_quantize(x, self.input_scale, getattr(self, "input_zero_point", None), args)
+        scale, zero_point = self.input_scale, getattr(self, "input_zero_point", None)
+        if self.per_modality:  # MSQ: each row takes its modality's scale (a lookup, no reduction)
+            if self.modality is None:
+                raise MquantError("a per-modality layer has no modality state (see mquant.modality.msq)")
+            visual = self.modality.rows(x)
+            scale = torch.where(visual, self.input_scale_visual, scale)
+            if zero_point is not None:
+                zero_point = torch.where(visual, self.input_zero_point_visual, zero_point)
+        return fake_quantize(x, scale, zero_point, args)
 
     def channel0_branch(self, x0: torch.Tensor) -> torch.Tensor:
         """The rank-1 RMS branch: x'_0 · W'_{:,0} ([..., 1] -> [..., out])."""
@@ -212,6 +234,8 @@ class QuantLinear(nn.Module):
             kind += f", online_hadamard={self.input_transform.spec.order}"
         if self.channel0 is not None:
             kind += f", rms_channel0={self.channel0}"
+        if self.per_modality:
+            kind += ", per_modality"
         return f"in={self.in_features}, out={self.out_features}, weights={w}, inputs={a}{kind}"
 
     def describe(self) -> dict:
@@ -225,6 +249,7 @@ class QuantLinear(nn.Module):
             "patch": self.patch.to_json() if self.patch else None,
             "online_hadamard": self.input_transform.spec.to_json() if self.input_transform is not None else None,
             "rms_channel0": self.channel0,
+            "per_modality": self.per_modality,
         }
 
     @classmethod
@@ -236,6 +261,7 @@ class QuantLinear(nn.Module):
             PatchGeometry(tuple(d["patch"]["kernel"])) if d["patch"] else None,
             HadamardSpec(**d["online_hadamard"]) if d.get("online_hadamard") else None,
             d.get("rms_channel0"),
+            d.get("per_modality", False),
         )
 
 

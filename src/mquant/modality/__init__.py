@@ -1,0 +1,1 @@
+"""Modality-aware quantization: MSQ (per-modality static scales) and AIFS (token reordering)."""

@@ -1,0 +1,70 @@
+"""MSQ, Modality-Specific Static Quantization (ALGORITHMS.md §7).
+
+Every quantized linear input of the language model gets two static scales, one calibrated on the
+rows of visual tokens and one on text rows; at run time each row uses its modality's scale. Visual
+rows are the image-placeholder positions (filled with projector outputs); boundary markers, the
+prompt and every decoded token are text. Weights are shared.
+
+The modality of the rows in flight is kept in a `ModalityState` that a forward pre-hook on the
+whole model fills from `input_ids` (prefill: the placeholders; decode: one text token per row).
+Per-modality `QuantLinear`s read it; nothing is gathered or scattered, and no per-token statistic
+is computed (the scale of a row is a lookup).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mquant.errors import MquantError
+
+
+class ModalityState:
+    """Which rows of the current forward are visual: a bool mask over the leading dims [B, L]."""
+
+    def __init__(self, image_token_id: int) -> None:
+        self.image_token_id = image_token_id
+        self.visual: torch.Tensor | None = None
+
+    def set_from_input_ids(self, input_ids: torch.Tensor | None) -> None:
+        self.visual = None if input_ids is None else input_ids == self.image_token_id
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The visual mask for the rows of `x` ([..., d]), as a [..., 1] bool tensor."""
+        if self.visual is None:
+            raise MquantError("per-modality activation scales need the token modality: run the model with input_ids")
+        lead = x.shape[:-1]
+        if self.visual.numel() != lead.numel():
+            raise MquantError(f"modality mask of shape {tuple(self.visual.shape)} does not cover rows {tuple(lead)}")
+        return self.visual.to(x.device).reshape(*lead, 1)
+
+
+def visual_rows(batch: dict, image_token_id: int) -> torch.Tensor:
+    """The flattened visual-row mask of a batch (rows in [B·L] order, as a block sees them)."""
+    return (batch["input_ids"] == image_token_id).reshape(-1)
+
+
+def attach_modality_state(model: nn.Module, image_token_id: int, layers: list[nn.Module]) -> ModalityState | None:
+    """Give every per-modality layer in `layers` a shared state, filled by a pre-hook on `model`.
+    Returns the state (None when no layer needs it). Idempotent per model."""
+    if not layers:
+        return None
+    state = getattr(model, "_mquant_modality_state", None)
+    if state is None:
+        state = ModalityState(image_token_id)
+
+        def hook(_module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            state.set_from_input_ids(input_ids)
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        model._mquant_modality_state = state
+    for layer in layers:
+        layer.modality = state
+    return state
+
+
+def per_modality_layers(model: nn.Module) -> list[nn.Module]:
+    from mquant.runtime.qlinear import quant_linears
+
+    return [m for _, m in quant_linears(model) if m.per_modality]
