@@ -64,10 +64,10 @@ def test_help_and_recipes():
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
 def test_verify_reports_every_transform_step(arch, tiny_dirs, tmp_path):
     out = tmp_path / "verify.json"
-    proc = mquant("verify", tiny_dirs[arch], "--transforms", "ln2rn,rotate,online_hadamard,rms", "--out", out,
+    proc = mquant("verify", tiny_dirs[arch], "--transforms", "ln2rn,rotate,online_hadamard,rms,aifs", "--out", out,
                   "--num-samples", 3)
     data = json.loads(out.read_text())
-    assert data["transforms"] == ["ln2rn", "rotate", "online_hadamard", "rms"]
+    assert data["transforms"] == ["ln2rn", "rotate", "online_hadamard", "rms", "aifs"]
     assert [s["transform"] for s in data["steps"]] == data["transforms"]
     assert data["max_rel_logit_diff"] <= 1e-4 and data["generation_identical"] and data["preserved"]
     assert any(d["split"] for d in data["details"]["rms"].values())  # the vision fc2 layers at least

@@ -21,7 +21,7 @@ from mquant.recipe import PARTS, Recipe, load_recipe
 from mquant.runtime.guard import verify_quantized
 from mquant.runtime.qlinear import set_activation_quant
 from mquant.samples import Sample
-from mquant.transforms.apply import apply_transforms
+from mquant.transforms.apply import apply_runtime, apply_transforms
 
 
 def seed_everything(seed: int) -> None:
@@ -75,6 +75,7 @@ def quantize(
         timing.update(part_timing)
         set_activation_quant(vlm.model, True)
         attach_modality_state(vlm.model, vlm.image_token_id, per_modality_layers(vlm.model))
+        apply_runtime(vlm, recipe.transforms, transforms)
         guard = verify_quantized(vlm.model, batches[0], fp_logits)
     timing["total"] = time.perf_counter() - start
 

@@ -74,6 +74,8 @@ class TransformScheme(StrictModel):
     `rms`: split channel 0 of the online-Hadamard input off the quantized path (every vision layer;
     language layers where the outlier test of ALGORITHMS.md §6.3 fires, with `rms_threshold` the
     fraction of outlier weight rows); `rms_channel0` says how that branch runs (`fp` or `int8`).
+    `aifs`: at run time, reorder each prefill so visual tokens come first (same function; every
+    language linear sees two contiguous row blocks).
     """
 
     ln2rn: bool = False
@@ -82,6 +84,7 @@ class TransformScheme(StrictModel):
     rms: bool = False
     rms_channel0: Literal["fp", "int8"] = "fp"
     rms_threshold: float = 0.05
+    aifs: bool = False
     seed: int = 42
 
     @model_validator(mode="after")
@@ -92,7 +95,7 @@ class TransformScheme(StrictModel):
 
     @property
     def any(self) -> bool:
-        return self.ln2rn or self.rotate or self.online_hadamard
+        return self.ln2rn or self.rotate or self.online_hadamard or self.aifs
 
 
 class SmoothQuantConfig(StrictModel):
@@ -191,7 +194,7 @@ def _everywhere(name: str, description: str, weights, acts, **extra) -> Recipe:
 
 
 _QUAROT = TransformScheme(ln2rn=True, rotate=True, online_hadamard=True)
-_MQUANT = TransformScheme(ln2rn=True, rotate=True, online_hadamard=True, rms=True)
+_MQUANT = TransformScheme(ln2rn=True, rotate=True, online_hadamard=True, rms=True, aifs=True)
 
 
 def _mquant(name: str, description: str, vision_bits: tuple[int, int], language_bits: tuple[int, int]) -> Recipe:

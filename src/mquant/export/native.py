@@ -26,6 +26,7 @@ from mquant.modality.msq import attach_modality_state, per_modality_layers
 from mquant.models.registry import family_for_architectures
 from mquant.models.vlm import VLM
 from mquant.recipe import Recipe
+from mquant.transforms.apply import apply_runtime
 from mquant.runtime.online import OnlineHadamardLinear
 from mquant.runtime.qlinear import QuantLinear, quant_linears
 from mquant.transforms.hadamard import HadamardSpec
@@ -102,9 +103,10 @@ def load_quantized(path: str | os.PathLike) -> VLM:
     report = json.loads((path / "quant_report.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = family.images.load_processor(str(path))
-    quant_info = {"recipe": Recipe.from_yaml(recipe, str(path / "recipe.yaml")).to_dict(), "report": report}
-    vlm = VLM(model, tokenizer, processor, family, str(path), quant_info)
+    recipe = Recipe.from_yaml(recipe, str(path / "recipe.yaml"))
+    vlm = VLM(model, tokenizer, processor, family, str(path), {"recipe": recipe.to_dict(), "report": report})
     attach_modality_state(model, vlm.image_token_id, per_modality_layers(model))
+    apply_runtime(vlm, recipe.transforms)
     return vlm
 
 

@@ -44,21 +44,26 @@ def visual_rows(batch: dict, image_token_id: int) -> torch.Tensor:
     return (batch["input_ids"] == image_token_id).reshape(-1)
 
 
-def attach_modality_state(model: nn.Module, image_token_id: int, layers: list[nn.Module]) -> ModalityState | None:
-    """Give every per-modality layer in `layers` a shared state, filled by a pre-hook on `model`.
-    Returns the state (None when no layer needs it). Idempotent per model."""
-    if not layers:
-        return None
+def modality_state(model: nn.Module, image_token_id: int) -> ModalityState:
+    """The model's modality state, created on first use with a pre-hook that fills it from the
+    `input_ids` of every forward (prefill: the placeholders; decode: text)."""
     state = getattr(model, "_mquant_modality_state", None)
     if state is None:
         state = ModalityState(image_token_id)
 
         def hook(_module, args, kwargs):
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            state.set_from_input_ids(input_ids)
+            state.set_from_input_ids(kwargs.get("input_ids", args[0] if args else None))
 
         model.register_forward_pre_hook(hook, with_kwargs=True)
         model._mquant_modality_state = state
+    return state
+
+
+def attach_modality_state(model: nn.Module, image_token_id: int, layers: list[nn.Module]) -> ModalityState | None:
+    """Give every per-modality layer in `layers` the model's state. Returns it (None without layers)."""
+    if not layers:
+        return None
+    state = modality_state(model, image_token_id)
     for layer in layers:
         layer.modality = state
     return state

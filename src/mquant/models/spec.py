@@ -117,7 +117,9 @@ class ModelFamily:
     # reads side by side (from the config, e.g. LLaVA may concatenate several feature layers).
     vision_stream_start: str | None = None
     vision_raw_readers: Callable[[Any], tuple[tuple[str, int], ...]] = field(default=lambda config: ())
-    # The language model's final norm and output head (the head reads the residual stream).
+    # The language model (its prefill is reordered by AIFS), its final norm and output head (the
+    # head reads the residual stream).
+    language_model: str = "model.language_model"
     final_norm: str = "model.language_model.norm"
     lm_head: str = "lm_head"
     tiny_config: Callable[[dict[str, int]], Any] | None = None

@@ -2,8 +2,9 @@
 
 Order (ALGORITHMS.md, pipeline at a glance): LN2RN on the vision encoder, fold RMSNorm gains, rotate
 the language (R1) and vision (R1ᵥ) streams, per-head V/O rotations (R2), online Hadamard (R4), then
-the RMS channel-0 split. Each step is also callable on its own (`apply_step`), which is how
-`mquant verify` measures the model after every step.
+the RMS channel-0 split; AIFS (a run-time reordering of the prefill) comes last and is switched on
+after calibration (`apply_runtime`). Each step is also callable on its own (`apply_step`), which is
+how `mquant verify` measures the model after every step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 import torch
 
 from mquant.algorithms.rms import ChannelZeroStats, should_split
+from mquant.modality.aifs import enable_aifs
 from mquant.models.vlm import VLM
 from mquant.runtime.online import OnlineHadamardLinear
 from mquant.runtime.patches import transformed_input
@@ -21,12 +23,13 @@ from mquant.transforms.ln2rn import ln2rn_vision
 from mquant.transforms.online import apply_online_hadamard
 from mquant.transforms.rotate import centred_random_hadamard, random_hadamard, rotate_language_heads, rotate_part_heads, rotate_stream
 
-STEPS = ("ln2rn", "rotate", "online_hadamard", "rms")
+STEPS = ("ln2rn", "rotate", "online_hadamard", "rms", "aifs")
+OFFLINE_STEPS = STEPS[:-1]  # change weights/modules; AIFS only changes how a prefill runs
 
 
 def new_info() -> dict:
     """What the steps record (it lands in `quant_report.json` under `transforms`)."""
-    return {"ln2rn": False, "rotated_streams": [], "online_hadamard": [], "rms": {}, "warnings": []}
+    return {"ln2rn": False, "rotated_streams": [], "online_hadamard": [], "rms": {}, "aifs": False, "warnings": []}
 
 
 def enabled_steps(scheme) -> list[str]:
@@ -34,18 +37,25 @@ def enabled_steps(scheme) -> list[str]:
 
 
 def apply_transforms(vlm: VLM, scheme, batches: list[dict] | None = None) -> dict:
-    """Apply every step `scheme` (a `TransformScheme`) enables, in place; returns what was done.
-    `batches` (calibration inputs) feed the RMS activation test."""
+    """Apply every offline step `scheme` (a `TransformScheme`) enables, in place; returns what was
+    done. `batches` (calibration inputs) feed the RMS activation test."""
     info = new_info()
     for name in enabled_steps(scheme):
-        apply_step(vlm, name, scheme, info, batches)
+        if name in OFFLINE_STEPS:
+            apply_step(vlm, name, scheme, info, batches)
     return info
+
+
+def apply_runtime(vlm: VLM, scheme, info: dict | None = None) -> None:
+    """Switch on the run-time steps (AIFS) of a transformed and calibrated model."""
+    if scheme.aifs:
+        apply_step(vlm, "aifs", scheme, info if info is not None else new_info())
 
 
 def apply_step(vlm: VLM, name: str, scheme, info: dict, batches: list[dict] | None = None) -> None:
     if name not in STEPS:
         raise ValueError(f"unknown transform {name!r}")
-    {"ln2rn": _ln2rn, "rotate": _rotate, "online_hadamard": _online_hadamard, "rms": _rms}[name](
+    {"ln2rn": _ln2rn, "rotate": _rotate, "online_hadamard": _online_hadamard, "rms": _rms, "aifs": _aifs}[name](
         vlm, scheme, info, batches)
 
 
@@ -106,3 +116,8 @@ def _rms(vlm: VLM, scheme, info: dict, batches) -> None:
         module.split_channel0 = is_vision or split
         info["rms"][name] = {"split": module.split_channel0, "rule": "vision: always" if is_vision else "detected",
                              **evidence}
+
+
+def _aifs(vlm: VLM, scheme, info: dict, batches) -> None:
+    enable_aifs(vlm.model, vlm.family.language_model, vlm.image_token_id)
+    info["aifs"] = True
