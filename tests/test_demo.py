@@ -23,6 +23,10 @@ def test_demo_writes_results_report_and_plot(tmp_path, monkeypatch):
     assert data["rows"][1]["size_mb"] < 0.3 * data["rows"][0]["size_mb"]
     report = (tmp_path / "report.md").read_text()
     assert "| gptq-w4a8 |" in report and "plot.png" in report
+    assert "activation statistics" in report and data["ablation"] is None  # ablation needs its recipes
+    diagnostics = json.loads((tmp_path / "diagnostics.json").read_text())
+    language = [v for k, v in diagnostics["before_rotation"].items() if "language_model" in k]
+    assert language and all(v["visual_absmax"] > 0 and v["text_absmax"] > 0 for v in language)
     with Image.open(tmp_path / "plot.png") as im:
         assert im.width > 500 and im.height > 200
     assert "gptq-w4a8-dynamic" in results["table"]

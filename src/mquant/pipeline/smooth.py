@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from mquant.algorithms.smoothquant import apply_smoothing, smoothing_factors
 from mquant.models.vlm import VLM
-from mquant.runtime.patches import linear_input
+from mquant.runtime.patches import observe_inputs
 
 
 @torch.no_grad()
@@ -22,18 +24,12 @@ def smooth_model(vlm: VLM, batches: list[dict], alpha: float, parts: list[str]) 
                     pairs.append((block.get_submodule(norm), [block.get_submodule(r) for r in readers],
                                   segment.layout.norm_chunks))
     absmax: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, (_, readers, _) in enumerate(pairs):
-        def hook(module, args, i=i):
-            m = linear_input(module, args[0]).abs().amax(dim=0).float()
-            absmax[i] = m if i not in absmax else torch.maximum(absmax[i], m)
-        handles.append(readers[0].register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            vlm.model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def record(i: int, x: torch.Tensor) -> None:
+        m = x.abs().amax(dim=0).float()
+        absmax[i] = m if i not in absmax else torch.maximum(absmax[i], m)
+
+    observe_inputs(vlm.model, {readers[0]: partial(record, i) for i, (_, readers, _) in enumerate(pairs)}, batches)
     for i, (norm, readers, chunks) in enumerate(pairs):
         apply_smoothing(norm, readers, smoothing_factors(absmax[i], readers, alpha, chunks), chunks)
     return len(pairs)

@@ -7,6 +7,7 @@ maps of non-overlapping patches; quantizing them means quantizing that linear ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -72,3 +73,20 @@ def weight_2d(module: nn.Module) -> torch.Tensor:
     """The main path's [out, in] weight (without column 0 when RMS splits it off)."""
     w = module.weight.detach().reshape(module.weight.shape[0], -1)
     return w[:, 1:] if splits_channel0(module) else w
+
+
+@torch.no_grad()
+def observe_inputs(model: nn.Module, callbacks: dict[nn.Module, Callable[[torch.Tensor], None]],
+                   batches: Iterable[dict], before_batch: Callable[[dict], None] | None = None) -> None:
+    """Run `model` on every batch, handing each watched module's 2-D transformed input to its
+    callback (statistics passes: SmoothQuant ranges, the RMS test, diagnostics)."""
+    handles = [m.register_forward_pre_hook(lambda mod, args, fn=fn: fn(transformed_input(mod, args[0])))
+               for m, fn in callbacks.items()]
+    try:
+        for batch in batches:
+            if before_batch is not None:
+                before_batch(batch)
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()

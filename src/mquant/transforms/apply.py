@@ -17,11 +17,13 @@ from mquant.algorithms.rms import ChannelZeroStats, should_split
 from mquant.modality.aifs import enable_aifs
 from mquant.models.vlm import VLM
 from mquant.runtime.online import OnlineHadamardLinear
-from mquant.runtime.patches import transformed_input
+from mquant.runtime.patches import observe_inputs
 from mquant.transforms.fuse_norms import fold_norm_gains
 from mquant.transforms.ln2rn import ln2rn_vision
 from mquant.transforms.online import apply_online_hadamard
-from mquant.transforms.rotate import centred_random_hadamard, random_hadamard, rotate_language_heads, rotate_part_heads, rotate_stream
+from mquant.transforms.rotate import (
+    centred_random_hadamard, random_hadamard, rotate_language_heads, rotate_part_heads, rotate_stream,
+)
 
 STEPS = ("ln2rn", "rotate", "online_hadamard", "rms", "aifs")
 OFFLINE_STEPS = STEPS[:-1]  # change weights/modules; AIFS only changes how a prefill runs
@@ -100,14 +102,7 @@ def _rms(vlm: VLM, scheme, info: dict, batches) -> None:
         raise ValueError("rms needs the online Hadamard step first")
     stats = {name: ChannelZeroStats() for name in modules}
     if batches:
-        handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.observe(transformed_input(mod, args[0])))
-                   for n, m in modules.items()]
-        try:
-            for batch in batches:
-                vlm.model(**batch)
-        finally:
-            for h in handles:
-                h.remove()
+        observe_inputs(vlm.model, {m: stats[n].observe for n, m in modules.items()}, batches)
     vision = tuple(f"{block}." for seg in vlm.family.part("vision").segments for block, _ in seg.blocks(vlm.model))
     for name, module in modules.items():
         assert isinstance(module, OnlineHadamardLinear)
