@@ -27,7 +27,7 @@ from mquant.models.vlm import VLM
 from mquant.numerics.observers import ActivationObserver
 from mquant.pipeline.capture import BlockCall, capture_block_inputs, replay
 from mquant.recipe import PartScheme, Recipe
-from mquant.runtime.patches import splits_channel0, transformed_input, weight_2d
+from mquant.runtime.patches import main_path, splits_channel0, transformed_input, weight_2d
 from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
 
 
@@ -147,7 +147,7 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
 
     def hook(module, args):
         full = transformed_input(module, args[0])
-        x = full[:, 1:] if splits_channel0(module) else full
+        x = main_path(module, full)
         if stats.hessian is not None:
             stats.hessian.add(x)
         if "all" in stats.observers:

@@ -62,11 +62,15 @@ def splits_channel0(module: nn.Module) -> bool:
     return bool(getattr(module, "split_channel0", False))
 
 
+def main_path(module: nn.Module, transformed: torch.Tensor) -> torch.Tensor:
+    """The columns of a transformed input that the quantized main path multiplies: what GPTQ and
+    the activation observers must see (all but channel 0 when RMS splits it off)."""
+    return transformed[:, 1:] if splits_channel0(module) else transformed
+
+
 def linear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the quantized main path multiplies: what GPTQ and the activation observers must see
-    (the transformed input, without channel 0 when RMS splits it off)."""
-    x = transformed_input(module, x)
-    return x[:, 1:] if splits_channel0(module) else x
+    """The main path's 2-D input for a raw module input `x`."""
+    return main_path(module, transformed_input(module, x))
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:

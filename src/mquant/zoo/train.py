@@ -1,9 +1,14 @@
-"""Train the embedded model: `python -m mquant.zoo.train` (seeded; about 30 minutes on 2 CPU cores).
+"""Train the embedded model: `python -m mquant.zoo.train` (seeded; about 45 minutes on 2 CPU cores).
 
 The model learns every benchmark task from the `train` split, streamed (no sample is repeated):
 answers are produced by generation, so the loss is next-token cross-entropy on the answer tokens
 (plus the end-of-turn token) of a chat-formatted prompt. Progress is monitored on the `calib` split;
 the `test` split is never touched here.
+
+Measured on this task: at a peak learning rate of 1e-3 the language model settles on the answer
+prior and never learns to read the visual tokens (digits stay at chance after 9,600 samples), while
+the vision tower alone, probed directly, learns digits in 120 steps; at 3e-4 the language model
+picks the visual tokens up after about 250 steps of a single task.
 """
 
 from __future__ import annotations
@@ -144,11 +149,11 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mquant.zoo.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=600)
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
