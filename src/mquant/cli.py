@@ -166,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("verify", help="apply function-preserving transforms only and measure the change",
-                       description="Apply transforms (e.g. ln2rn,rotate,online_hadamard,rms) without quantizing "
+                       description="Apply transforms (e.g. ln2rn,rotate,online_hadamard,rms,aifs) without quantizing "
                                    "and report, after each, how far logits and greedy generations moved. "
                                    "Exit status 1 if the function changed beyond 1e-4 relative.")
     v.add_argument("model", help="floating-point model directory")
-    v.add_argument("--transforms", required=True, help="comma-separated: ln2rn, rotate, online_hadamard, rms")
+    v.add_argument("--transforms", required=True, help="comma-separated: ln2rn, rotate, online_hadamard, rms, aifs")
     v.add_argument("--out", required=True, help="result JSON file")
     v.add_argument("--samples", default="synthetic",
                    help="prompts to compare on: 'synthetic', 'builtin' or a .jsonl file/folder (default synthetic)")
