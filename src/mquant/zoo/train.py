@@ -8,7 +8,8 @@ the `test` split is never touched here.
 Measured on this task: at a peak learning rate of 1e-3 the language model settles on the answer
 prior and never learns to read the visual tokens (digits stay at chance after 9,600 samples), while
 the vision tower alone, probed directly, learns digits in 120 steps; at 3e-4 the language model
-picks the visual tokens up after about 250 steps of a single task.
+picks the visual tokens up after about 250 steps of digits alone (0.69 on calib digits after 300),
+but not within 1,200 steps of the six tasks in turn, hence the digits-first curriculum.
 """
 
 from __future__ import annotations
@@ -50,14 +51,16 @@ def answer_loss(vlm: VLM, samples) -> torch.Tensor:
     return torch.stack(losses).sum() / count
 
 
-def training_batches(seed: int, batch_size: int):
+def training_batches(seed: int, batch_size: int, curriculum_steps: int = 0):
     """Batches of one task at a time, cycling over the tasks (similar lengths, little padding);
-    yes/no items contribute both questions of a pair."""
+    yes/no items contribute both questions of a pair. The first `curriculum_steps` batches are all
+    `digits`, the task whose answer depends most simply on the image: it teaches the language model
+    to read the visual tokens at all, which the mixed tasks alone did not within 1,200 steps."""
     tasks = list(benchmark.GENERATORS)
     drawn = {t: 0 for t in tasks}
     step = 0
     while True:
-        task = tasks[step % len(tasks)]
+        task = "digits" if step < curriculum_steps else tasks[(step - curriculum_steps) % len(tasks)]
         batch: list = []
         while len(batch) < batch_size:
             batch += benchmark.draw(task, "train", drawn[task], seed)
@@ -100,7 +103,8 @@ def patch_embedding_as_linear(model):
         del embed.forward
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int) -> dict:
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int,
+          curriculum_steps: int = 0) -> dict:
     torch.manual_seed(seed)
     config, tokenizer, processor = build_components()
     model = FAMILY.model_class(config)
@@ -113,8 +117,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     warmup = max(1, steps // 30)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    stream = training_batches(seed, batch_size)
-    log = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "loss": [], "eval": []}
+    stream = training_batches(seed, batch_size, curriculum_steps)
+    log = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "curriculum_steps": curriculum_steps,
+           "loss": [], "eval": []}
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train")
     running = None
@@ -149,7 +154,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mquant.zoo.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=2700)
+    p.add_argument("--curriculum-steps", type=int, default=300, help="digits-only steps first (default 300)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every)
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.curriculum_steps)
 
 
 if __name__ == "__main__":
