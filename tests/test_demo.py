@@ -25,7 +25,7 @@ def test_demo_writes_results_report_and_plot(tmp_path, monkeypatch):
     assert "| gptq-w4a8 |" in report and "plot.png" in report
     assert "activation statistics" in report and data["ablation"] is None  # ablation needs its recipes
     diagnostics = json.loads((tmp_path / "diagnostics.json").read_text())
-    language = [v for k, v in diagnostics["before_rotation"].items() if "language_model" in k]
+    language = [v for v in diagnostics["before_rotation"].values() if v["part"] == "language"]
     assert language and all(v["visual_absmax"] > 0 and v["text_absmax"] > 0 for v in language)
     with Image.open(tmp_path / "plot.png") as im:
         assert im.width > 500 and im.height > 200

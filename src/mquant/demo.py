@@ -124,10 +124,6 @@ def _diagnostics(num_samples: int) -> dict:
     return {"before_rotation": before, "after_rotation": after}
 
 
-def _part_of(name: str) -> str:
-    return "language" if "language_model" in name else "projector" if "merger" in name else "vision"
-
-
 def _diagnostics_table(diag: dict) -> str:
     from statistics import median
 
@@ -135,7 +131,7 @@ def _diagnostics_table(diag: dict) -> str:
              "channel 0 / max other after (max) | visual / text range (min / median / max) |",
              "|---|---|---|---|---|---|"]
     for part in ("vision", "projector", "language"):
-        names = [n for n in diag["before_rotation"] if _part_of(n) == part]
+        names = [n for n, v in diag["before_rotation"].items() if v["part"] == part]
         if not names:
             continue
         b = [diag["before_rotation"][n]["max_over_rms"] for n in names]

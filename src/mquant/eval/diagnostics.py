@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from mquant.modality.msq import visual_rows
 from mquant.models.vlm import VLM
 from mquant.runtime.patches import observe_inputs
 
 
 class _InputStats:
-    def __init__(self) -> None:
+    def __init__(self, part: str) -> None:
+        self.part = part
         self.sq_sum = 0.0
         self.count = 0
         self.absmax = 0.0
@@ -38,11 +40,11 @@ class _InputStats:
                 if rows.numel():
                     self.by_modality[key] = max(self.by_modality[key], float(rows.abs().max()))
 
-    def summary(self, language: bool) -> dict:
+    def summary(self) -> dict:
         rms = (self.sq_sum / max(self.count, 1)) ** 0.5
-        out = {"max_over_rms": round(self.absmax / max(rms, 1e-12), 2),
+        out = {"part": self.part, "max_over_rms": round(self.absmax / max(rms, 1e-12), 2),
                "channel0_over_max_other": round(self.channel0 / max(self.others, 1e-12), 2)}
-        if language:
+        if self.part == "language":
             v, t = self.by_modality["visual"], self.by_modality["text"]
             out.update(visual_absmax=round(v, 4), text_absmax=round(t, 4), visual_over_text=round(v / max(t, 1e-12), 2))
         return out
@@ -51,20 +53,19 @@ class _InputStats:
 @torch.no_grad()
 def activation_statistics(vlm: VLM, batches: list[dict]) -> dict[str, dict]:
     """{first linear of each group: statistics of its input} over `batches`, by part order."""
-    stats: dict[str, tuple[_InputStats, bool]] = {}
+    stats: dict[str, _InputStats] = {}
     callbacks = {}
     current: dict = {}
     for part in vlm.family.parts:
         for segment in part.segments:
             for block_name, block in segment.blocks(vlm.model):
                 for group in segment.layout.groups:
-                    entry = (_InputStats(), part.name == "language")
-                    stats[f"{block_name}.{group[0]}"] = entry
+                    entry = stats[f"{block_name}.{group[0]}"] = _InputStats(part.name)
                     callbacks[block.get_submodule(group[0])] = (
-                        lambda x, entry=entry: entry[0].observe(x, current["visual"] if entry[1] else None))
+                        lambda x, e=entry: e.observe(x, current["visual"] if e.part == "language" else None))
 
     def before(batch: dict) -> None:
-        current["visual"] = (batch["input_ids"] == vlm.image_token_id).reshape(-1)
+        current["visual"] = visual_rows(batch, vlm.image_token_id)
 
     observe_inputs(vlm.model, callbacks, batches, before)
-    return {name: s.summary(language) for name, (s, language) in stats.items() if s.count}
+    return {name: s.summary() for name, s in stats.items() if s.count}

@@ -55,7 +55,7 @@ class AIFSHooks:
         self.state = state
         self.perm: torch.Tensor | None = None
         self.original_visual: torch.Tensor | None = None
-        self.prefills = 0  # how many forwards ran permuted (tests and the guard read it)
+        self.prefills = 0  # how many forwards ran permuted (the tests read it)
 
     def before(self, _module, args, kwargs):
         embeds, cache = kwargs.get("inputs_embeds"), kwargs.get("cache", kwargs.get("past_key_values"))

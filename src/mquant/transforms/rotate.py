@@ -15,25 +15,27 @@ from mquant.models.spec import ModelFamily
 from mquant.transforms.hadamard import dense_hadamard, hadamard_spec
 
 
-def random_hadamard(n: int, seed: int) -> torch.Tensor:
-    """Q = diag(s)·H/sqrt(n) with seeded random signs s (float64, orthogonal)."""
+def _signs_and_hadamard(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random signs s and the normalized Hadamard H/sqrt(n) of width n (float64)."""
     spec = hadamard_spec(n)
     if spec.padded:
         raise ValueError(f"width {n} has no Hadamard construction; a residual stream cannot be padded")
     signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
-    H = torch.tensor(dense_hadamard(spec), dtype=torch.float64) / n**0.5
+    return signs, torch.tensor(dense_hadamard(spec), dtype=torch.float64) / n**0.5
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """Q = diag(s)·H/sqrt(n) with seeded random signs s (float64, orthogonal)."""
+    signs, H = _signs_and_hadamard(n, seed)
     return signs[:, None] * H
 
 
 def centred_random_hadamard(n: int, seed: int) -> torch.Tensor:
     """Q = H·diag(s)/sqrt(n) with seeded random column signs and s_0 = +1, so that the first column
     is 1/sqrt(n): the rotation an open LayerNorm stream needs (channel 0 of xQ is sqrt(n)·mean(x))."""
-    spec = hadamard_spec(n)
-    if spec.padded:
-        raise ValueError(f"width {n} has no Hadamard construction; a residual stream cannot be padded")
-    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
+    signs, H = _signs_and_hadamard(n, seed)
     signs[0] = 1
-    return torch.tensor(dense_hadamard(spec), dtype=torch.float64) * signs / n**0.5
+    return H * signs
 
 
 @torch.no_grad()
