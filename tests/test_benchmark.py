@@ -43,3 +43,29 @@ def test_answers_are_balanced():
     assert all(choice.count(letter) > 25 for letter in "ABCD")
     compare = [s.answers[0] for s in benchmark.generate("compare", "test", 200)]
     assert 60 < compare.count("first") < 140
+
+
+@pytest.mark.parametrize("task", BENCHMARK)
+def test_every_image_has_cell_labels_and_a_caption(task):
+    for sample in benchmark.generate(task, "train", 8):
+        cells = sample.meta["cells"]
+        assert len(cells) == len(sample.images) and all(len(c) == 16 and all(c) for c in cells)
+        assert sample.meta["caption"]
+        companion = benchmark.caption_sample(sample)
+        assert companion.images == sample.images and companion.meta["cells"] == cells
+        assert companion.text.count("<image>") == len(sample.images)
+
+
+def test_cell_labels_name_what_the_cell_shows():
+    for s in benchmark.generate("digits", "train", 5):
+        assert [s.meta["cells"][0][k] for k in (5, 6, 9, 10)] == [[s.answers[0]]] * 4
+    for s in benchmark.generate("textread", "train", 20):
+        labels = {label for cell in s.meta["cells"][0] for label in cell}
+        text = s.answers[0]
+        assert (text in labels) if text.isalpha() else set(text) <= labels
+    for s in benchmark.generate("yesno", "train", 10):
+        labelled = [c for c in s.meta["cells"][0] if c != ["empty"]]
+        assert all(len(c) == 2 and c[0] in benchmark.COLORS and c[1] in benchmark.SHAPES for c in labelled)
+    for s in benchmark.generate("compare", "train", 10):
+        counts = [sum(c == [c[0], "circle"] for c in cells) for cells in s.meta["cells"]]
+        assert counts == s.meta["counts"]

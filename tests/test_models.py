@@ -60,3 +60,15 @@ def test_hook_captured_replay_reproduces_hidden_states(tiny_vlm, part):
     for c0, c1 in zip(calls0, calls1):
         out = replay(blocks[0][1], c0, "cpu")
         assert torch.allclose(out, c1.hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_subword_tokenizer_round_trips_and_keeps_digits_single():
+    from mquant.models.qwen2_vl import FAMILY
+    from mquant.models.tokenizer import build_subword_tokenizer
+
+    tok = build_subword_tokenizer(FAMILY, ["the red circle is left of the blue square"] * 20 + ["12345 67"], 160)
+    text = "The red circle, 90210 and an unseen word: xylophone!\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(tok("circle", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok("90210", add_special_tokens=False)["input_ids"]) == 5

@@ -45,7 +45,7 @@ def _mm_token_type_ids(input_ids: torch.Tensor, config) -> dict[str, torch.Tenso
 
 
 def small_config(ids: dict[str, int], *, hidden: int, intermediate: int, layers: int, heads: int,
-                 kv_heads: int, mrope_section: list[int], vision: dict) -> Qwen2VLConfig:
+                 kv_heads: int, mrope_section: list[int], vision: dict, tie_embeddings: bool = False) -> Qwen2VLConfig:
     """A small Qwen2-VL config for the offline character tokenizer's special-token ids `ids`."""
     return Qwen2VLConfig(
         text_config=dict(
@@ -54,11 +54,12 @@ def small_config(ids: dict[str, int], *, hidden: int, intermediate: int, layers:
             max_position_embeddings=2048,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=tie_embeddings,
         ),
         vision_config=dict(hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
 
 

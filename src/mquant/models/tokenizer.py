@@ -1,14 +1,17 @@
-"""An offline character-level tokenizer for the tiny and embedded models.
+"""Offline tokenizers: character-level for the tiny test models, subword (BPE) for the embedded model.
 
-Every printable ASCII character is one token, plus the family's special tokens. It is built from a
-vocabulary in code (no download) and saved as a standard `tokenizer.json` that `AutoTokenizer` loads.
+Both are built without a download and saved as a standard `tokenizer.json` that `AutoTokenizer`
+loads. The subword one is trained on a corpus the caller gives (the benchmark's `train` text), so
+that common words are single tokens as in real VLM tokenizers; digits always stay single characters
+(as in Qwen2's tokenizer), so numbers are read digit by digit.
 """
 
 from __future__ import annotations
 
 import string
+from typing import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from mquant.models.spec import ModelFamily
@@ -17,12 +20,37 @@ CHARACTERS = list(string.printable[:-2])  # digits, letters, punctuation, space,
 
 
 def build_tokenizer(family: ModelFamily) -> PreTrainedTokenizerFast:
+    """Every printable ASCII character is one token, plus the family's special tokens."""
     special = list(family.special_tokens)
     vocab = {token: i for i, token in enumerate(special + CHARACTERS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # "." would not split newlines
+    return _wrap(tok, family)
+
+
+def build_subword_tokenizer(family: ModelFamily, corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """BPE over whitespace-, punctuation- and digit-separated pieces, trained on `corpus`.
+
+    Every printable character is in the initial alphabet, so any ASCII text still encodes; spaces
+    and newlines are tokens of their own, so decoding is plain concatenation. Training is
+    deterministic for the same corpus.
+    """
+    special = list(family.special_tokens)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=CHARACTERS,
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return _wrap(tok, family)
+
+
+def _wrap(tok: Tokenizer, family: ModelFamily) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(special)
+    tok.add_special_tokens(list(family.special_tokens))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=family.eos_token, pad_token=family.pad_token)
     fast.chat_template = family.default_chat_template
     return fast

@@ -10,19 +10,36 @@ from __future__ import annotations
 from transformers import Qwen2VLConfig
 
 from mquant.models.qwen2_vl import FAMILY, small_config
-from mquant.models.tokenizer import build_tokenizer, token_ids
+from mquant.models.tokenizer import build_subword_tokenizer, token_ids
+from mquant.samples import IMAGE_MARKER
 
 # Benchmark images are 112 x 112 (16 visual tokens); other images are resized to 56²..224² pixels.
 MIN_SIDE, MAX_SIDE = 56, 224
 
 
 def embedded_config(ids: dict[str, int]) -> Qwen2VLConfig:
-    return small_config(ids, hidden=192, intermediate=448, layers=4, heads=6, kv_heads=2, mrope_section=[4, 6, 6],
-                        vision=dict(depth=4, embed_dim=96, num_heads=4, mlp_ratio=4))
+    return small_config(ids, hidden=192, intermediate=448, layers=6, heads=6, kv_heads=2, mrope_section=[4, 6, 6],
+                        vision=dict(depth=4, embed_dim=96, num_heads=4, mlp_ratio=4), tie_embeddings=True)
+
+
+VOCAB_SIZE = 512
+CORPUS_ITEMS = 200  # per task, from the train split
+
+
+def tokenizer_corpus() -> list[str]:
+    """Question and answer text of the benchmark's train split, plus the chat template's words."""
+    from mquant.zoo import benchmark
+
+    texts = ["system user assistant You are a helpful assistant. Describe the image. empty"]
+    for task in benchmark.GENERATORS:
+        for sample in benchmark.generate(task, "train", CORPUS_ITEMS):
+            texts.append(sample.text.replace(IMAGE_MARKER, " "))
+            texts += [sample.answers[0], sample.meta["caption"]]
+    return texts
 
 
 def build_components():
     """(config, tokenizer, image processor) of the embedded model, built offline."""
-    tokenizer = build_tokenizer(FAMILY)
+    tokenizer = build_subword_tokenizer(FAMILY, tokenizer_corpus(), VOCAB_SIZE)
     processor = FAMILY.images.make_processor(MIN_SIDE, MAX_SIDE)
     return embedded_config(token_ids(tokenizer)), tokenizer, processor

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 
 from mquant.samples import IMAGE_MARKER, Sample
 from mquant.zoo.render import (
-    COLORS, SHAPES, SIZE, draw_shape, draw_text, font, photo_canvas, place_boxes, plain_canvas,
+    CELL, COLORS, EMPTY, SHAPES, SIZE, draw_shape, draw_text, empty_cells, font, label_text_cells, photo_canvas,
+    place_boxes, plain_canvas,
 )
 
 SPLITS = ("train", "calib", "test")
@@ -89,8 +90,12 @@ def gen_digits(rng: random.Random, split: str, i: int) -> list[Sample]:
     tile = Image.fromarray((paper * (1 - ink) + pen * ink).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
     corner = (SIZE - side) // 2
     canvas.paste(tile, (corner + rng.randint(-4, 4), corner + rng.randint(-4, 4)))
+    cells = empty_cells()
+    for cell in (5, 6, 9, 10):  # the tile covers the four central cells
+        cells[cell].append(str(int(targets[index])))
     question = f"{IMAGE_MARKER}\nWhich digit is written in the image?"
-    return [Sample(f"digits:{split}:{i}", [canvas], question, [str(int(targets[index]))], {"pool_index": index})]
+    return [Sample(f"digits:{split}:{i}", [canvas], question, [str(int(targets[index]))],
+                   {"pool_index": index, "caption": f"the digit {int(targets[index])}", "cells": [_fill(cells)]})]
 
 
 # -- textread ---------------------------------------------------------------------------------------
@@ -98,9 +103,10 @@ def gen_textread(rng: random.Random, split: str, i: int) -> list[Sample]:
     text = rng.choice(WORDS) if rng.random() < 0.6 else str(rng.randint(10, 99999))
     on_photo = rng.random() < 0.4
     canvas = photo_canvas(rng) if on_photo else plain_canvas(rng)
-    draw_text(canvas, rng, text, rng.randint(15, 18), outline=on_photo)
+    cells = empty_cells()
+    draw_text(canvas, rng, text, rng.choice((15, 17)), outline=on_photo, cells=cells)
     question = f"{IMAGE_MARKER}\nWhat is written in the image?"
-    return [Sample(f"textread:{split}:{i}", [canvas], question, [text] * 10, {"on_photo": on_photo})]
+    return [Sample(f"textread:{split}:{i}", [canvas], question, [text] * 10, {"on_photo": on_photo, "caption": text, "cells": [_fill(cells)]})]
 
 
 # -- docfields --------------------------------------------------------------------------------------
@@ -113,16 +119,21 @@ def gen_docfields(rng: random.Random, split: str, i: int) -> list[Sample]:
     ink = tuple(rng.randint(0, 70) for _ in range(3))
     top, row_h, split_x = 0, 28, 50  # one table row per row of visual tokens
     draw.rectangle((1, top + 1, SIZE - 2, top + 4 * row_h - 2), outline=ink)
+    cells = empty_cells()
     for r, (name, value) in enumerate(zip(fields, values)):
         y = top + r * row_h
         if r:
             draw.line((2, y, SIZE - 3, y), fill=ink)
         draw.text((5, y + 8), name.capitalize(), font=f, fill=ink)
         draw.text((split_x + 4, y + 8), value, font=f, fill=ink)
+        label_text_cells(cells, name, 5, r, f)
+        label_text_cells(cells, value, split_x + 4, r, f)
     draw.line((split_x, top + 1, split_x, top + 4 * row_h - 2), fill=ink)
     k = rng.randrange(4)
     question = f"{IMAGE_MARKER}\nWhat is the {fields[k]} in the form?"
-    return [Sample(f"docfields:{split}:{i}", [canvas], question, [values[k]], {"field": fields[k]})]
+    return [Sample(f"docfields:{split}:{i}", [canvas], question, [values[k]],
+                   {"field": fields[k], "caption": "; ".join(f"{n} {v}" for n, v in zip(fields, values)),
+                    "cells": [_fill(cells)]})]
 
 
 # -- scenes of shapes (yesno, choice, compare) ------------------------------------------------------
@@ -138,6 +149,33 @@ def _scene(rng: random.Random, n: int, distinct: bool = True):
         draw_shape(draw, shape, box, COLORS[color])
         objects.append({"color": color, "shape": shape, "x": (box[0] + box[2]) / 2, "y": (box[1] + box[3]) / 2})
     return canvas, objects
+
+
+def _row(o: dict) -> int:
+    return int(o["y"]) // CELL
+
+
+def _column(o: dict) -> int:
+    return int(o["x"]) // CELL
+
+
+def _fill(cells: list[list[str]]) -> list[list[str]]:
+    return [labels or [EMPTY] for labels in cells]
+
+
+def scene_cells(objects: list[dict]) -> list[list[str]]:
+    """Per visual-token cell: the colour and shape of the object centred in it, or `empty`."""
+    cells = empty_cells()
+    for o in objects:
+        cells[_row(o) * (SIZE // CELL) + _column(o)] += [o["color"], o["shape"]]
+    return _fill(cells)
+
+
+def scene_caption(objects: list[dict]) -> str:
+    """Every object in reading order with its cell (row, column) on the visual-token grid."""
+    cells = sorted((_row(o), _column(o), o["color"], o["shape"]) for o in objects)
+    parts = [f"{c} {s} at {r} {k}" for r, k, c, s in cells]
+    return f"{len(objects)} shapes: " + ", ".join(parts)
 
 
 def _absent(rng: random.Random, objects: list[dict]) -> tuple[str, str]:
@@ -159,14 +197,15 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
         yes, no = f"Are there exactly {n} shapes?", f"Are there exactly {wrong} shapes?"
     else:
         a, b = sorted(rng.sample(objects, 2), key=lambda o: o["x"])
-        if abs(a["x"] - b["x"]) < 8:  # too close to call: ask about existence instead
+        if _column(a) == _column(b):  # decided inside one visual-token cell: draw another scene
             return gen_yesno(rng, split, i)
         da, db = f"the {a['color']} {a['shape']}", f"the {b['color']} {b['shape']}"
         yes, no = f"Is {da} left of {db}?", f"Is {db} left of {da}?"
     suffix = " Answer yes or no."
+    meta = {"image": i, "caption": scene_caption(objects), "cells": [scene_cells(objects)]}
     return [
-        Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"], {"image": i}),
-        Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"], {"image": i}),
+        Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"], meta),
+        Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"], meta),
     ]
 
 
@@ -193,7 +232,7 @@ def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
     else:
         canvas, objects = _scene(rng, 3)
         objects.sort(key=lambda o: o["y"])
-        if objects[1]["y"] - objects[0]["y"] < 8:
+        if _row(objects[1]) == _row(objects[0]):  # decided inside one row of cells: draw another
             return gen_choice(rng, split, i)
         question = "Which shape is closest to the top?"
         names = [f"{o['color']} {o['shape']}" for o in objects]
@@ -204,14 +243,16 @@ def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
     letter = LETTERS[options.index(correct)]
     lines = "\n".join(f"{LETTERS[k]}. {opt}" for k, opt in enumerate(options))
     text = f"{IMAGE_MARKER}\n{question}\n{lines}\nAnswer with the option's letter."
-    return [Sample(f"choice:{split}:{i}", [canvas], text, [letter], {"options": options})]
+    return [Sample(f"choice:{split}:{i}", [canvas], text, [letter],
+                   {"options": options, "caption": scene_caption(objects),
+                    "cells": [scene_cells(objects)]})]
 
 
 def gen_compare(rng: random.Random, split: str, i: int) -> list[Sample]:
     """Two images interleaved with text: which has more circles?"""
     a = rng.randint(1, 5)
     b = rng.choice([k for k in range(1, 6) if k != a])
-    images = []
+    images, cells = [], []
     for n in (a, b):
         boxes = place_boxes(rng, [rng.randint(14, 22) for _ in range(n)])
         canvas = plain_canvas(rng, light=True)
@@ -220,9 +261,13 @@ def gen_compare(rng: random.Random, split: str, i: int) -> list[Sample]:
         for box in boxes:
             draw_shape(draw, "circle", box, COLORS[color])
         images.append(canvas)
+        cells.append(scene_cells([{"color": color, "shape": "circle", "x": (x0 + x1) / 2, "y": (y0 + y1) / 2}
+                                  for x0, y0, x1, y1 in boxes]))
     text = (f"Image 1: {IMAGE_MARKER}\nImage 2: {IMAGE_MARKER}\n"
             "Which image has more circles? Answer first or second.")
-    return [Sample(f"compare:{split}:{i}", images, text, ["first" if a > b else "second"], {"counts": [a, b]})]
+    caption = f"first: {a} circles; second: {b} circles"
+    return [Sample(f"compare:{split}:{i}", images, text, ["first" if a > b else "second"],
+                   {"counts": [a, b], "caption": caption, "cells": cells})]
 
 
 GENERATORS: dict[str, Callable[[random.Random, str, int], list[Sample]]] = {
@@ -250,6 +295,15 @@ def generate(task: str, split: str, n: int, seed: int = 0) -> list[Sample]:
 def draw(task: str, split: str, i: int, seed: int = 0) -> list[Sample]:
     """Item `i` of a task's split (two samples for yes/no pairs, otherwise one)."""
     return GENERATORS[task](random.Random(f"{task}/{split}/{seed}/{i}"), split, i)
+
+
+def caption_sample(sample: Sample) -> Sample:
+    """A training-only companion of `sample`: describe its image(s) in full (objects and cells, the
+    text, the form's fields). Many answer tokens per image teach the model to see much faster than
+    the benchmark's one-word answers alone; the benchmark never asks this."""
+    markers = "".join(f"{IMAGE_MARKER}\n" for _ in sample.images)
+    return Sample(f"{sample.id}:caption", sample.images, f"{markers}Describe the image.", [sample.meta["caption"]],
+                  {"cells": sample.meta["cells"]})
 
 
 def mixed(split: str, n: int, seed: int = 0) -> list[Sample]:

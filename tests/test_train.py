@@ -1,0 +1,44 @@
+"""The embedded model's training script: cell targets line up with visual tokens; runs are seeded."""
+
+import torch
+
+from mquant.models.qwen2_vl import FAMILY
+from mquant.models.vlm import VLM
+from mquant.zoo import train
+from mquant.zoo.architecture import build_components
+
+
+def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
+    config, tokenizer, processor = build_components()
+    model = FAMILY.model_class(config).eval()
+    vlm = VLM(model, tokenizer, processor, FAMILY, "embedded")
+    samples = next(train.training_batches(seed=0, batch_size=24))
+    assert {s.id.split(":")[0] for s in samples} == set(train.benchmark.GENERATORS)
+    assert any(s.id.endswith(":caption") for s in samples) and any(len(s.images) == 2 for s in samples)
+    captured = []
+    model.model.visual.merger.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        model(**vlm.encode(samples, with_answer=True))
+    probe = train.CellProbe(tokenizer)
+    targets = probe.targets(samples, config.text_config.vocab_size)
+    assert targets.shape[0] == captured[0].shape[0] == 16 * sum(len(s.images) for s in samples)
+    assert torch.allclose(targets.sum(-1), torch.ones(targets.shape[0]))
+    empty = tokenizer("empty", add_special_tokens=False)["input_ids"]
+    assert (targets[:, empty].sum(-1) == 1).float().mean() > 0.3  # most cells of a scene are empty
+
+
+def _train_tiny_run(out, monkeypatch):
+    monkeypatch.setattr(train, "quick_eval", lambda vlm: {})  # the calib check generates; not needed here
+    return train.train(out, steps=2, batch_size=4, lr=1e-4, seed=3, eval_every=0, vision_steps=2)
+
+
+def test_training_is_seeded_and_writes_a_loadable_model(tmp_path, monkeypatch):
+    from mquant.api import load
+
+    log = _train_tiny_run(tmp_path / "a", monkeypatch)
+    assert len(log["vision_loss"]) == 1 and torch.isfinite(torch.tensor(log["loss"][0][1]))
+    _train_tiny_run(tmp_path / "b", monkeypatch)
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    vlm = load(tmp_path / "a")
+    assert vlm.model.lm_head.weight is vlm.model.get_input_embeddings().weight  # tied, as trained
