@@ -22,6 +22,14 @@ def tiny_dirs(tmp_path_factory):
     return {f: write_tiny(f, root / f, seed=0) for f in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def model_dirs(tiny_dirs):
+    """The tiny models plus the embedded trained one (a Qwen2-VL with real weights)."""
+    from mquant.zoo import EMBEDDED_MODEL
+
+    return {**tiny_dirs, "embedded": EMBEDDED_MODEL}
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -44,9 +44,9 @@ def _assert_same(reference: list, other: list, masks: list):
         assert diff.item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_aifs_preserves_logits_and_generations(tiny_dirs, family):
-    vlm = load_pretrained(tiny_dirs[family])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "embedded"])
+def test_aifs_preserves_logits_and_generations(model_dirs, family):
+    vlm = load_pretrained(model_dirs[family])
     prompts = _prompts()
     batches = [vlm.encode([p], with_answer=True) for p in prompts] + [vlm.encode(prompts)]  # last: padded batch
     reference = [vlm.model(**b).logits for b in batches]

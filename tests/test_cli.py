@@ -61,11 +61,14 @@ def test_help_and_recipes():
     assert "num_bits: 4" in mquant("recipes", "gptq-w4a8").stdout
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
-def test_verify_reports_every_transform_step(arch, tiny_dirs, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava", "embedded"])
+def test_verify_reports_every_transform_step(arch, model_dirs, tmp_path):
     out = tmp_path / "verify.json"
-    proc = mquant("verify", tiny_dirs[arch], "--transforms", "ln2rn,rotate,online_hadamard,rms,aifs", "--out", out,
-                  "--num-samples", 3)
+    # The embedded model gets the benchmark's prompts: one of each task, so single images, the
+    # interleaved two-image `compare` and, in the batched generation, left padding.
+    samples = ("--samples", "builtin", "--num-samples", 6) if arch == "embedded" else ("--num-samples", 3)
+    proc = mquant("verify", model_dirs[arch], "--transforms", "ln2rn,rotate,online_hadamard,rms,aifs", "--out", out,
+                  *samples)
     data = json.loads(out.read_text())
     assert data["transforms"] == ["ln2rn", "rotate", "online_hadamard", "rms", "aifs"]
     assert [s["transform"] for s in data["steps"]] == data["transforms"]
