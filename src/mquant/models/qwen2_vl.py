@@ -46,7 +46,7 @@ def _mm_token_type_ids(input_ids: torch.Tensor, config) -> dict[str, torch.Tenso
 
 def small_config(ids: dict[str, int], *, hidden: int, intermediate: int, layers: int, heads: int,
                  kv_heads: int, mrope_section: list[int], vision: dict, tie_embeddings: bool = False) -> Qwen2VLConfig:
-    """A small Qwen2-VL config for the offline character tokenizer's special-token ids `ids`."""
+    """A small Qwen2-VL config for a tokenizer whose special-token ids are `ids`."""
     return Qwen2VLConfig(
         text_config=dict(
             vocab_size=ids["vocab_size"], hidden_size=hidden, intermediate_size=intermediate,

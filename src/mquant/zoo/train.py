@@ -6,8 +6,8 @@ tokens (plus the end-of-turn token) of a chat-formatted prompt, averaged per sam
 monitored on the `calib` split; the `test` split is never touched here.
 
 Two training-only aids make a model this small learn in minutes what the answer loss alone did not
-teach it in an hour (measured: after 2,000-3,600 steps of answers alone, or with a digits-first
-curriculum, the language model still guessed answer priors for text and forms):
+(measured: with the answer loss and a digits-first curriculum, calib scores after 1,800 steps were
+0 % on textread and 9 % on docfields, the language model guessing answer priors):
 
 - a *cell loss* (`CellProbe`): every merged visual token (one 28 x 28 cell of a benchmark image)
   is pulled towards the token embeddings of what its cell shows (a digit, the word or characters
