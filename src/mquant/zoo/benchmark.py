@@ -106,7 +106,8 @@ def gen_textread(rng: random.Random, split: str, i: int) -> list[Sample]:
     cells = empty_cells()
     draw_text(canvas, rng, text, rng.choice((15, 17)), outline=on_photo, cells=cells)
     question = f"{IMAGE_MARKER}\nWhat is written in the image?"
-    return [Sample(f"textread:{split}:{i}", [canvas], question, [text] * 10, {"on_photo": on_photo, "caption": text, "cells": [_fill(cells)]})]
+    return [Sample(f"textread:{split}:{i}", [canvas], question, [text] * 10,
+                   {"on_photo": on_photo, "caption": text, "cells": [_fill(cells)]})]
 
 
 # -- docfields --------------------------------------------------------------------------------------

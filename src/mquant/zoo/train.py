@@ -91,7 +91,9 @@ class CellProbe(nn.Module):
                     rows.append(row)
         return torch.stack(rows)
 
-    def loss(self, visual_tokens: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, visual_tokens: torch.Tensor, embeddings: torch.Tensor, samples) -> torch.Tensor:
+        """Cross-entropy of the merged visual tokens of `samples` (batch order) against their cells."""
+        targets = self.targets(samples, embeddings.shape[0])
         if visual_tokens.shape[0] != targets.shape[0]:
             raise RuntimeError(f"{visual_tokens.shape[0]} visual tokens for {targets.shape[0]} labelled cells")
         logits = self.log_scale.exp() * F.normalize(visual_tokens, dim=-1) @ F.normalize(embeddings, dim=-1).T
@@ -164,6 +166,14 @@ def cosine_schedule(steps: int):
     return lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
+def optimizer_step(opt, sched, params, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def pretrain_vision(vlm: VLM, probe: CellProbe, captured: list, steps: int, batch_size: int, lr: float,
                     seed: int) -> list:
     """Train the vision tower and merger on the cell loss alone (no language model in the loop).
@@ -185,12 +195,8 @@ def pretrain_vision(vlm: VLM, probe: CellProbe, captured: list, steps: int, batc
         inputs, _ = vlm.family.images.process(vlm.image_processor, images, model.config)
         captured.clear()
         model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        loss = probe.loss(torch.cat(captured), embeddings, probe.targets(samples, embeddings.shape[0]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        loss = probe.loss(torch.cat(captured), embeddings, samples)
+        optimizer_step(opt, sched, params, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % 50 == 0:
             losses.append([step, round(loss.item(), 4)])
@@ -234,14 +240,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
             captured.clear()
             loss = answer_loss(vlm, samples)
             if cell_loss_weight:
-                targets = probe.targets(samples, model.get_input_embeddings().weight.shape[0])
                 loss = loss + cell_loss_weight * probe.loss(torch.cat(captured), model.get_input_embeddings().weight,
-                                                            targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+                                                            samples)
+            optimizer_step(opt, sched, model.parameters(), loss)
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             bar.set_postfix(loss=f"{running:.3f}")
             if step % 50 == 0:
