@@ -107,13 +107,30 @@ def quantize(
     return vlm
 
 
-def load(path: str | os.PathLike) -> VLM:
-    """Load a floating-point HF checkpoint or an mquant quantized checkpoint."""
-    from mquant.export.native import MANIFEST, load_quantized
+def load(path: str | os.PathLike, backend: str = "fake", dtype: torch.dtype | None = None,
+         device: str | None = None, kernel: str = "auto") -> VLM:
+    """Load a floating-point HF checkpoint or an mquant quantized checkpoint.
 
-    if (Path(path) / MANIFEST).exists():
-        return load_quantized(path)
-    return load_pretrained(path)
+    A quantized checkpoint runs on `backend`: "fake" (the fake-quant reference, float32),
+    "cpu-int8" (int8 kernels on the CPU, bfloat16 elsewhere) or "triton" (the W4A8 GPU kernel,
+    on `device`, default cuda). `dtype` overrides the backend's activation dtype; `kernel` picks the
+    CPU kernel ("auto", "onednn", "int_mm")."""
+    from mquant.export.native import MANIFEST, load_quantized
+    from mquant.runtime.backends import BACKENDS, to_backend
+
+    if backend not in BACKENDS:
+        raise MquantError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if not (Path(path) / MANIFEST).exists():
+        if backend != "fake":
+            raise MquantError(f"{path}: not a quantized checkpoint; backend {backend!r} needs one")
+        return load_pretrained(path, dtype or torch.float32)
+    vlm = load_quantized(path)
+    if device is None and backend == "triton" and torch.cuda.is_available():
+        device = "cuda"
+    if device is not None:
+        vlm.model.to(device)
+    to_backend(vlm.model, backend, dtype, kernel)
+    return vlm
 
 
 def save(vlm: VLM, out: str | os.PathLike) -> Path:

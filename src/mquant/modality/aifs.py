@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mquant.errors import MquantError
-from mquant.modality.msq import ModalityState, modality_state
+from mquant.modality.msq import ModalityState, contiguous_span, modality_state
 
 
 def aifs_permutation(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,7 @@ class AIFSHooks:
                   "attention_mask": permuted_causal_mask(perm, valid, embeds.dtype)}
         self.perm, self.original_visual = perm, self.state.visual
         self.state.visual = visual.gather(1, perm)
+        self.state.visual_span = contiguous_span(self.state.visual)
         self.prefills += 1
         return args, kwargs
 

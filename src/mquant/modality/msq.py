@@ -24,7 +24,19 @@ class ModalityState:
 
     def __init__(self, image_token_id: int) -> None:
         self.image_token_id = image_token_id
-        self.visual: torch.Tensor | None = None
+        self._visual: torch.Tensor | None = None
+        self._layout: tuple | None = None
+        # Set by AIFS for the prefill it reorders: the flattened rows [start, stop) are all the
+        # visual rows (None when a batch leaves several blocks).
+        self.visual_span: tuple[int, int] | None = None
+
+    @property
+    def visual(self) -> torch.Tensor | None:
+        return self._visual
+
+    @visual.setter
+    def visual(self, mask: torch.Tensor | None) -> None:
+        self._visual, self._layout, self.visual_span = mask, None, None
 
     def set_from_input_ids(self, input_ids: torch.Tensor | None) -> None:
         self.visual = None if input_ids is None else input_ids == self.image_token_id
@@ -37,6 +49,35 @@ class ModalityState:
         if self.visual.numel() != lead.numel():
             raise MquantError(f"modality mask of shape {tuple(self.visual.shape)} does not cover rows {tuple(lead)}")
         return self.visual.to(x.device).reshape(*lead, 1)
+
+
+    def row_layout(self, rows: int) -> tuple:
+        """How the integer runtime lays the two scales over `rows` flattened rows (computed once per
+        forward): ("text",) when no row is visual, ("block", start, stop) when AIFS made the visual
+        rows one contiguous block, otherwise ("rows", [rows, 1] bool mask)."""
+        if self._layout is None or self._layout[0] != rows:
+            if self._visual is None:
+                raise MquantError("per-modality activation scales need the token modality: run the model with input_ids")
+            if self._visual.numel() != rows:
+                raise MquantError(f"modality mask of shape {tuple(self._visual.shape)} does not cover {rows} rows")
+            if self.visual_span is not None:
+                layout = ("block", *self.visual_span)
+            elif not bool(self._visual.any()):
+                layout = ("text",)
+            else:
+                layout = ("rows", self._visual.reshape(rows, 1))
+            self._layout = (rows, layout)
+        return self._layout[1]
+
+
+def contiguous_span(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) when the True entries of the flattened `mask` are one contiguous run."""
+    flat = mask.reshape(-1)
+    idx = flat.nonzero().flatten()
+    if idx.numel() == 0:
+        return (0, 0)
+    start, stop = int(idx[0]), int(idx[-1]) + 1
+    return (start, stop) if stop - start == idx.numel() else None
 
 
 def visual_rows(batch: dict, image_token_id: int) -> torch.Tensor:

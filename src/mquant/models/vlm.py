@@ -69,7 +69,7 @@ class VLM:
         for key in image_tensors[0] if image_tensors else ():
             batch[key] = torch.cat([t[key] for t in image_tensors])
         batch.update(self.family.extra_text_inputs(input_ids, self.config))
-        return batch
+        return {key: value.to(self.model.device) for key, value in batch.items()}
 
     def _expand_placeholders(self, ids: list[int], counts: list[int], sample_id: str) -> list[int]:
         token = self.image_token_id

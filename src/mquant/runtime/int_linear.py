@@ -1,0 +1,184 @@
+"""`IntLinear`: a `QuantLinear` executed with integer products instead of fake quantization.
+
+Built from the fake-quant module (`from_quant`), it keeps the same pre-processing (patch unfold,
+online Hadamard, RMS channel-0 split), quantizes the main-path input to int8 codes with the same
+static or dynamic scales, and multiplies codes by codes on an integer kernel (`Int8Gemm` on CPU,
+the Triton W4A8 kernel on GPU). The integer accumulation is exact; only the float epilogue
+(scales, bias, the output dtype) differs from the reference, within float tolerance.
+
+How activation scales meet the rows (ALGORITHMS.md §7–8, §14):
+- one static scale, or per-modality scales while no row is visual (decode): `scalar`;
+- per-modality scales after AIFS made the visual rows one block: `two_blocks`;
+- per-modality scales on interleaved rows (MSQ without AIFS), dynamic per-token: `rows`.
+`path` can force a layout for latency comparisons ("dynamic", "static"); "auto" follows the recipe.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mquant.errors import MquantError
+from mquant.runtime import int8_ops
+from mquant.runtime.int8_ops import compiled
+from mquant.runtime.qlinear import QuantLinear
+
+PATHS = ("auto", "static", "dynamic")
+
+
+class _SharedInputQuant:
+    """The last quantized input, reused by the next layer that reads the same tensor with the same
+    scales (q/k/v, gate/up share one activation quantizer). Keyed by the live tensor object and its
+    version counter, so a freed or modified tensor never matches."""
+
+    def __init__(self) -> None:
+        self.ref, self.key, self.value = None, None, None
+
+    def get(self, x: torch.Tensor, key: tuple):
+        if self.ref is not None and self.ref() is x and self.key == (x._version, *key):
+            return self.value
+        return None
+
+    def put(self, x: torch.Tensor, key: tuple, value) -> None:
+        self.ref, self.key, self.value = weakref.ref(x), (x._version, *key), value
+
+
+_SHARED = _SharedInputQuant()
+
+
+class IntLinear(nn.Module):
+    def __init__(self, ref: QuantLinear, gemm, dtype: torch.dtype) -> None:
+        super().__init__()
+        args = ref.act_args
+        if args is not None and not args.symmetric:
+            raise MquantError("the integer backends run symmetric activation grids only; "
+                              "use backend='fake' for asymmetric activations")
+        if ref.weight_args is not None and not ref.weight_args.symmetric:
+            raise MquantError("the integer backends run symmetric weight grids only; use backend='fake'")
+        self.in_features, self.out_features = ref.in_features, ref.out_features
+        self.patch, self.input_transform, self.channel0 = ref.patch, ref.input_transform, ref.channel0
+        self.act_args, self.per_modality, self.modality = args, ref.per_modality, ref.modality
+        self.dtype, self.gemm, self.path = dtype, gemm, "auto"
+        self.calls, self.last_layout = 0, None
+        # Model code reads `.weight.dtype`/`.device` of the layers it calls (a patch embedding casts
+        # its input to them) and a module's dtype from its first float parameter; this empty
+        # parameter answers both without keeping a float weight.
+        device = ref.bias.device if ref.bias is not None else next(ref.buffers()).device
+        self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+        if gemm is None:  # weight-only or float layer: there is no integer product to run
+            self.register_buffer("weight_float", ref.dequantized_weight().to(dtype), persistent=False)
+            self.register_buffer("bias_float", None if ref.bias is None else ref.bias.detach().to(dtype),
+                                 persistent=False)
+        if args is not None:
+            self.qmin, self.qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
+            if not args.dynamic:
+                self.text_scale = float(ref.input_scale)
+                self.visual_scale = float(ref.input_scale_visual) if ref.per_modality else self.text_scale
+                # Tensors for the compiled quantizers (float arguments would be specialized: one
+                # recompilation per distinct scale); plain attributes, not buffers, so that a dtype
+                # cast of the model does not round them.
+                self.text_scale_t = torch.tensor(self.text_scale, device=device)
+                self.visual_scale_t = torch.tensor(self.visual_scale, device=device)
+        if ref.channel0 == "fp":
+            self.register_buffer("channel0_weight", ref.channel0_weight.to(dtype), persistent=False)
+        elif ref.channel0 == "int8":
+            self.channel0_input_scale = ref.channel0_input_scale.clone()
+            self.register_buffer("channel0_weight", (ref.channel0_codes.float() * ref.channel0_scale).to(dtype),
+                                 persistent=False)
+        if self.input_transform is not None:
+            self.input_transform = self.input_transform.to(dtype)
+
+    @classmethod
+    def from_quant(cls, ref: QuantLinear, make_gemm, dtype: torch.dtype) -> "IntLinear":
+        """`make_gemm(codes, scale, group_size, bias)` builds the backend's product object."""
+        qw = ref.quantized_weight()
+        if qw is None or ref.act_args is None:
+            return cls(ref, None, dtype)
+        group = qw.args.group_size if qw.args.strategy == "group" else None
+        bias = None if ref.bias is None else ref.bias.detach()
+        return cls(ref, make_gemm(qw.q.to(torch.int8), qw.scale, group, bias), dtype)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.patch is not None:
+            x, _ = self.patch.unfold(x)
+        x = x.to(self.dtype)
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        source = x  # what q/k/v (or gate/up) share: their quantized inputs are computed once
+        if self.channel0 is not None:
+            x0, x = x[..., :1], x[..., 1:]
+        lead = x.shape[:-1]
+        y = self.product(x, source).reshape(*lead, self.out_features)
+        if self.channel0 is not None:
+            y = y + self.channel0_branch(x0)
+        return self.patch.fold(y) if self.patch is not None else y
+
+    def channel0_branch(self, x0: torch.Tensor) -> torch.Tensor:
+        """The RMS rank-1 branch; an int8 channel 0 is quantized on its own static grid."""
+        if self.channel0 == "int8":
+            s = self.channel0_input_scale
+            x0 = (torch.clamp(torch.round(x0.float() / s), -128, 127) * s).to(self.dtype)
+        return x0 * self.channel0_weight
+
+    def product(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """The main path: [..., in] -> [rows, out]. `source` (default `x`) keys the shared quantized input."""
+        source = x if source is None else source
+        # detach(): a tensor with no view base, so the compiled quantizers are not re-specialized
+        # on how the input was viewed (a guard per base shape would exhaust dynamo's recompile limit).
+        x2 = x.reshape(-1, x.shape[-1]).detach()
+        if self.gemm is None:
+            return F.linear(x2, self.weight_float, self.bias_float)
+        how = self.layout(x2.shape[0])
+        self.last_layout = how[0]  # which activation-scale layout ran (tests and benchmarks read it)
+        if how[0] == "scalar":
+            q = self._quantized(source, x2, how, lambda: compiled(int8_ops.quantize_static)(
+                x2, self.text_scale_t, self.qmin, self.qmax))
+            return self.gemm.scalar(q, how[1], self.dtype)
+        if how[0] == "block":
+            _, start, stop = how
+            q = self._quantized(source, x2, how, lambda: compiled(int8_ops.quantize_two_blocks)(
+                x2, self.visual_scale_t, self.text_scale_t, start, stop, self.qmin, self.qmax))
+            return self.gemm.two_blocks(q, self.visual_scale, self.text_scale, start, stop, self.dtype)
+        if how[0] == "dynamic":
+            q, row_scale = self._quantized(source, x2, how, lambda: compiled(int8_ops.quantize_dynamic)(x2, self.qmax))
+        else:  # a per-row lookup of the two modality scales
+            row_scale = torch.where(how[1], self.visual_scale, self.text_scale)
+            q = self._quantized(source, x2, ("rows", self.visual_scale, self.text_scale), lambda: compiled(
+                int8_ops.quantize_rows)(x2, row_scale, self.qmin, self.qmax))
+        return self.gemm.rows(q, row_scale, self.dtype)
+
+    def layout(self, rows: int) -> tuple:
+        """("scalar", s) | ("block", start, stop) | ("rows", mask) | ("dynamic",) for this call."""
+        if self.act_args.dynamic or self.path == "dynamic":
+            return ("dynamic",)
+        if not self.per_modality or self.path == "static":
+            return ("scalar", self.text_scale)  # (the static single-scale variant reuses the text scale)
+        if self.modality is None:
+            raise MquantError("a per-modality layer has no modality state (see mquant.modality.msq)")
+        how = self.modality.row_layout(rows)
+        if how[0] == "text":
+            return ("scalar", self.text_scale)
+        if how[0] == "block" and how[1] == how[2]:
+            return ("scalar", self.text_scale)
+        return how
+
+    def _quantized(self, x: torch.Tensor, x2: torch.Tensor, how: tuple, compute):
+        key = (tuple(x2.shape), self.qmin, self.qmax, self.path, *(h for h in how if not isinstance(h, torch.Tensor)))
+        hit = _SHARED.get(x, key)
+        if hit is None:
+            hit = compute()
+            _SHARED.put(x, key, hit)
+        return hit
+
+    def extra_repr(self) -> str:
+        kernel = type(self.gemm).__name__ if self.gemm is not None else "float"
+        return f"in={self.in_features}, out={self.out_features}, kernel={kernel}, dtype={self.dtype}, path={self.path}"
+
+
+def int_linears(model: nn.Module) -> list[tuple[str, IntLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, IntLinear)]

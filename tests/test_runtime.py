@@ -1,0 +1,162 @@
+"""The integer backends against the fake-quant reference (ALGORITHMS.md §14)."""
+
+import pytest
+import torch
+
+import mquant
+from mquant.errors import MquantError
+from mquant.models.vlm import load_pretrained
+from mquant.pipeline.calib import synthetic_samples
+from mquant.runtime import int8_ops
+from mquant.runtime.int8_ops import Int8Gemm, onednn_available
+from mquant.runtime.int_linear import int_linears
+from mquant.runtime.backends import triton_unavailable_reason
+
+KERNELS = ["int_mm"] + (["onednn"] if onednn_available() else [])
+
+
+def _codes(shape, lo, hi, seed):
+    return torch.randint(lo, hi + 1, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(q, w, w_scale, row_scale, bias):
+    acc = q.double() @ w.double().T  # exact: |acc| < 2^53
+    return acc * row_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1) + bias.double()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_gemm_accumulates_exactly(kernel):
+    q, w = _codes((23, 96), -128, 127, 0), _codes((40, 96), -8, 7, 1)
+    gemm = Int8Gemm(w, torch.ones(40, 1), None, None, kernel=kernel)
+    y = gemm.scalar(q, 1.0, torch.float32)
+    assert torch.equal(y.double(), q.double() @ w.double().T)  # integers below 2^24: exact in float32
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_gemm_scale_layouts_match_the_formula(kernel):
+    rows = 30
+    q, w = _codes((rows, 64), -128, 127, 2), _codes((24, 64), -8, 7, 3)
+    w_scale, bias = torch.rand(24, 1) + 0.1, torch.randn(24)
+    gemm = Int8Gemm(w, w_scale, None, bias, kernel=kernel)
+    inner, outer, start, stop = 0.02, 0.005, 4, 21
+    blocks = torch.where((torch.arange(rows) >= start) & (torch.arange(rows) < stop), inner, outer)
+    per_row = torch.rand(rows, 1) / 50
+    cases = [(gemm.scalar(q, outer, torch.float32), torch.full((rows,), outer)),
+             (gemm.two_blocks(q, inner, outer, start, stop, torch.float32), blocks),
+             (gemm.two_blocks(q, inner, outer, 0, 3, torch.float32),  # the text block is the majority
+              torch.where(torch.arange(rows) < 3, inner, outer)),
+             (gemm.rows(q, per_row, torch.float32), per_row)]
+    for y, row_scale in cases:
+        torch.testing.assert_close(y.double(), _reference(q, w, w_scale, row_scale, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_group_scales_accumulate_per_group():
+    q, w = _codes((9, 70), -128, 127, 4), _codes((12, 70), -8, 7, 5)
+    scales = torch.rand(12, 3) + 0.1  # groups of 32: 32 + 32 + 6 columns
+    y = Int8Gemm(w, scales, 32, None).scalar(q, 0.5, torch.float32)
+    expected = sum((q[:, g:g + 32].double() @ w[:, g:g + 32].double().T) * scales[:, i].double()
+                   for i, g in enumerate(range(0, 70, 32))) * 0.5
+    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_quantizers_give_the_reference_codes():
+    from mquant.numerics.args import QuantArgs
+    from mquant.numerics.grid import quantize
+
+    scale = torch.tensor(0.1)
+    x = torch.cat([torch.randn(7, 33) * 5, (torch.arange(33) - 16).float().reshape(1, -1) * 0.05])  # ties at .5
+    expected = quantize(x, scale, None, QuantArgs()).to(torch.int8)
+    compiled = int8_ops.compiled(int8_ops.quantize_static)
+    assert torch.equal(compiled(x, scale, -128, 127), expected)
+    assert torch.equal(int8_ops.quantize_static(x, scale, -128, 127), expected)
+    q, s = int8_ops.compiled(int8_ops.quantize_dynamic)(x, 127)
+    assert torch.equal(q, quantize(x, s, None, QuantArgs()).to(torch.int8))
+
+
+def _quantized_dir(tiny_dirs, family, recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"{family}-{recipe}")
+    vlm = mquant.quantize(load_pretrained(tiny_dirs[family]), recipe, "synthetic", num_samples=8, progress=False)
+    mquant.save(vlm, out)
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["mquant-w4a8", "quarot-w4a8-dynamic", "gptq-w4a16", "mquant-w8a8"])
+def test_cpu_int8_backend_matches_fake_quant(tiny_dirs, family, recipe, tmp_path_factory):
+    path = _quantized_dir(tiny_dirs, family, recipe, tmp_path_factory)
+    fake, fast = mquant.load(path), mquant.load(path, backend="cpu-int8", dtype=torch.float32)
+    layers = int_linears(fast.model)
+    assert layers, "no layer was converted"
+    for sample in synthetic_samples(3, 11):
+        ref, out = fake.logits(sample), fast.logits(sample)
+        # Integer products are exact; float rounding in the epilogues may move a later layer's
+        # input across a rounding boundary (one code step), hence a tolerance, not equality.
+        assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
+        assert fake.generate([sample], 5) == fast.generate([sample], 5)
+    assert all(m.calls > 0 for _, m in layers)
+
+
+def test_msq_layers_use_the_block_layout_with_aifs_and_row_lookup_without(tiny_dirs, tmp_path_factory):
+    from mquant.modality.aifs import disable_aifs
+
+    path = _quantized_dir(tiny_dirs, "qwen2_vl", "mquant-w4a8", tmp_path_factory)
+    vlm = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
+    sample = next(s for s in synthetic_samples(4, 3) if s.images)
+    msq = [m for _, m in int_linears(vlm.model) if m.per_modality]
+    assert msq
+    aifs_logits = vlm.logits(sample)
+    assert {m.last_layout for m in msq} == {"block"}
+    disable_aifs(vlm.model, vlm.family.language_model)
+    plain_logits = vlm.logits(sample)
+    assert {m.last_layout for m in msq} == {"rows"}
+    assert (aifs_logits - plain_logits).abs().max() <= 1e-4 * plain_logits.abs().max()
+
+
+def test_bfloat16_backend_stays_close(tiny_dirs, tmp_path_factory):
+    path = _quantized_dir(tiny_dirs, "qwen2_vl", "mquant-w4a8", tmp_path_factory)
+    ref = mquant.load(path).logits(synthetic_samples(2, 5)[1])
+    out = mquant.load(path, backend="cpu-int8").logits(synthetic_samples(2, 5)[1])
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_backend_errors(tiny_dirs, tmp_path_factory):
+    with pytest.raises(MquantError, match="unknown backend"):
+        mquant.load(tiny_dirs["llava"], backend="int3")
+    with pytest.raises(MquantError, match="not a quantized checkpoint"):
+        mquant.load(tiny_dirs["llava"], backend="cpu-int8")
+
+
+# -- Triton: on the GPU when there is one, otherwise in Triton's interpreter (set by conftest) ----
+TRITON_SKIP = triton_unavailable_reason()
+
+
+@pytest.fixture
+def triton_device():
+    if TRITON_SKIP:
+        pytest.skip(TRITON_SKIP)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_triton_w4a8_kernel_matches_the_integer_reference(triton_device):
+    import mquant.runtime.triton_w4a8 as kernels
+
+    rows, k, n = 37, 90, 50  # odd sizes: masked tails in every dimension, K padded in the packing
+    q, w = _codes((rows, k), -128, 127, 6).to(triton_device), _codes((n, k), -8, 7, 7).to(triton_device)
+    w_scale, bias = (torch.rand(n, 1) + 0.1).to(triton_device), torch.randn(n).to(triton_device)
+    gemm = kernels.TritonW4A8Gemm(w, w_scale, None, bias)
+    blocks = torch.where((torch.arange(rows) >= 5) & (torch.arange(rows) < 30), 0.02, 0.005).to(triton_device)
+    per_row = (torch.rand(rows, 1) / 50).to(triton_device)
+    for y, row_scale in [(gemm.scalar(q, 0.01, torch.float32), torch.full((rows,), 0.01)),
+                         (gemm.two_blocks(q, 0.02, 0.005, 5, 30, torch.float32), blocks),
+                         (gemm.rows(q, per_row, torch.float32), per_row)]:
+        torch.testing.assert_close(y.double().cpu(), _reference(q.cpu(), w.cpu(), w_scale.cpu(), row_scale.cpu(),
+                                                                bias.cpu()), rtol=1e-5, atol=1e-4)
+    exact = kernels.TritonW4A8Gemm(w, torch.ones(n, 1, device=triton_device), None, None).scalar(q, 1.0, torch.float32)
+    assert torch.equal(exact.double().cpu(), q.cpu().double() @ w.cpu().double().T)
+
+
+def test_triton_backend_runs_a_model(tiny_dirs, tmp_path_factory, triton_device):
+    path = _quantized_dir(tiny_dirs, "qwen2_vl", "mquant-w4a8", tmp_path_factory)
+    sample = synthetic_samples(2, 5)[1]
+    ref = mquant.load(path).logits(sample)
+    out = mquant.load(path, backend="triton", dtype=torch.float32, device=triton_device).logits(sample).cpu()
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
