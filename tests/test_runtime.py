@@ -139,7 +139,7 @@ def triton_device():
 def test_triton_w4a8_kernel_matches_the_integer_reference(triton_device):
     import mquant.runtime.triton_w4a8 as kernels
 
-    rows, k, n = 37, 90, 50  # odd sizes: masked tails in every dimension, K padded in the packing
+    rows, k, n = 37, 91, 50  # odd sizes: masked tails in every dimension, K padded in the packing
     q, w = _codes((rows, k), -128, 127, 6).to(triton_device), _codes((n, k), -8, 7, 7).to(triton_device)
     w_scale, bias = (torch.rand(n, 1) + 0.1).to(triton_device), torch.randn(n).to(triton_device)
     gemm = kernels.TritonW4A8Gemm(w, w_scale, None, bias)
@@ -159,4 +159,4 @@ def test_triton_backend_runs_a_model(tiny_dirs, tmp_path_factory, triton_device)
     sample = synthetic_samples(2, 5)[1]
     ref = mquant.load(path).logits(sample)
     out = mquant.load(path, backend="triton", dtype=torch.float32, device=triton_device).logits(sample).cpu()
-    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()  # as for cpu-int8: one code step may move

@@ -115,6 +115,21 @@ def cmd_demo(args) -> None:
     print(f"wrote {args.out}/results.json, report.md, plot.png ({results['seconds']:.0f} s)")
 
 
+def cmd_bench_latency(args) -> None:
+    from mquant.bench.latency import VARIANTS, markdown, plot, run_latency
+    from mquant.fileio import write_json_atomic, write_text_atomic
+
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS
+    out = Path(args.out)
+    result = run_latency(args.preset, device=_check_device(args.device), repeats=args.repeats, variants=variants)
+    table = markdown(result)
+    write_json_atomic(out, result)
+    write_text_atomic(out.with_suffix(".md"), table)
+    plot(result, out.with_suffix(".png"))
+    print(table)
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
 def cmd_recipes(args) -> None:
     from mquant.recipe import PRESETS, load_recipe
 
@@ -187,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipes", default=None, help="comma-separated recipes instead of every preset")
     d.add_argument("--num-calib", type=int, default=64, help="calibration samples per recipe (default 64)")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks (latency of the integer runtime)")
+    bench = b.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    lat = bench.add_parser("latency", help="prefill/decode latency: fp32, bf16 and W4A8 activation variants",
+                           description="Time a Qwen2-VL-shaped model (random weights) in floating point and at W4A8 "
+                                       "with dynamic, static, MSQ and MSQ+AIFS activations on the integer backend "
+                                       "(cpu-int8, or triton on CUDA). Writes OUT (JSON), OUT.md and OUT.png.")
+    lat.add_argument("--preset", default="qwen2-vl-2b", help="qwen2-vl-2b, qwen2-vl-7b or ci-small (default qwen2-vl-2b)")
+    lat.add_argument("--out", required=True, help="result JSON file (a .md table and .png plot are written beside it)")
+    lat.add_argument("--device", default="cpu", help="cpu (int8 kernels) or cuda (Triton W4A8 kernel)")
+    lat.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default per preset)")
+    lat.add_argument("--variants", default=None, help="comma-separated subset of the variants")
+    lat.set_defaults(func=cmd_bench_latency)
 
     r = sub.add_parser("recipes", help="list preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="preset name or recipe file to print")

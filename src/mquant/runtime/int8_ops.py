@@ -105,7 +105,11 @@ class Int8Gemm:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
         self.out_features, self.in_features = codes.shape
         self.group_size = group_size
-        self.codes_kn = codes.t().contiguous()  # [in, out], the layout _int_mm reads
+        # [in, out], the layout _int_mm reads. CUDA's _int_mm needs in and out multiples of 8 (and
+        # more than 16 rows): pad with zero codes, which add nothing to the accumulator.
+        self._pad_in = (-self.in_features) % 8 if codes.device.type == "cuda" and group_size is None else 0
+        pad_out = (-self.out_features) % 8 if codes.device.type == "cuda" else 0
+        self.codes_kn = torch.nn.functional.pad(codes, (0, self._pad_in, 0, pad_out)).t().contiguous()
         scale = w_scale.float()
         self.w_scale = (scale.expand(self.out_features, 1) if scale.numel() == 1 else scale).reshape(self.out_features, -1)
         self.bias = None if bias is None else bias.float()
@@ -151,7 +155,10 @@ class Int8Gemm:
         if kernel == "onednn":
             return torch.ops.onednn.qlinear_pointwise(q, x_scale, 0, self.packed, self._w_scale_vec, self._zero_points,
                                                       bias, 1.0, 0, dtype, "none", [], "")
-        acc = torch._int_mm(q, self.codes_kn)
+        rows = q.shape[0]
+        if q.device.type == "cuda":
+            q = torch.nn.functional.pad(q, (0, self._pad_in, 0, max(0, 17 - rows)))
+        acc = torch._int_mm(q, self.codes_kn)[:rows, :self.out_features]
         return compiled(int_mm_epilogue)(acc, self.w_scale.reshape(1, -1) * x_scale, bias, dtype)
 
     def _choose(self, q: torch.Tensor, dtype: torch.dtype) -> str:

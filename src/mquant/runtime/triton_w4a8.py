@@ -2,8 +2,10 @@
 
 Weights stay packed as in the checkpoint (two 4-bit codes per byte, offset-binary, the even input
 column in the low nibble; `mquant.numerics.packing`). Rather than interleaving unpacked nibbles,
-the kernel splits the reduction: low nibbles multiply the even activation columns and high nibbles
-the odd ones, two int8 dot products per K step that sum to the same int32 accumulator.
+the kernel splits the reduction: each K step loads one contiguous activation tile, splits it into
+its even and odd columns in registers, multiplies them with the low and the high nibbles, and sums
+both int8 dot products into one int32 accumulator. (Measured on an H100, this beat a repacked
+layout with two contiguous half tiles: 0.29–0.39x against 0.21–0.28x of torch._int_mm.)
 
 The epilogue applies weight scale × activation scale per output element. Activation scales come
 either as a vector (one per row: dynamic per-token, MSQ without AIFS) or as two numbers and a row
@@ -54,15 +56,16 @@ def _w4a8_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, row_scale_ptr, out_ptr,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_K // 2)  # packed (byte) columns of one K step
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k = k0 * BLOCK_K + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K),
+                    other=0)  # one contiguous tile, split into its even and odd columns in registers
+        a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
         h = k0 * (BLOCK_K // 2) + offs_h
-        even, odd = 2 * h, 2 * h + 1
-        row_ok = offs_m[:, None] < M
-        a_even = tl.load(a_ptr + offs_m[:, None] * stride_am + even[None, :], mask=row_ok & (even[None, :] < K), other=0)
-        a_odd = tl.load(a_ptr + offs_m[:, None] * stride_am + odd[None, :], mask=row_ok & (odd[None, :] < K), other=0)
         packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + h[:, None],
-                         mask=(offs_n[None, :] < N) & (even[:, None] < K), other=0x88)  # [BLOCK_K/2, BLOCK_N]
+                         mask=(offs_n[None, :] < N) & (2 * h[:, None] < K), other=0x88)  # [BLOCK_K/2, BLOCK_N]
         w_low = ((packed & 0xF).to(tl.int16) - 8).to(tl.int8)
         w_high = ((packed >> 4).to(tl.int16) - 8).to(tl.int8)
         acc += tl.dot(a_even, w_low, out_dtype=tl.int32)

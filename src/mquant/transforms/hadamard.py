@@ -169,8 +169,12 @@ def hadamard_spec(n: int) -> HadamardSpec:
 # -- the transform ----------------------------------------------------------------------------------
 
 
-def _pow2_factors(p: int, block: int = 64) -> list[int]:
-    """Split 2^m into Sylvester blocks of at most `block` (applied as small matmuls)."""
+def _pow2_factors(p: int, block: int = 64, single: int = 256) -> list[int]:
+    """Split 2^m into Sylvester blocks applied as small matmuls: one block up to `single` (a
+    128-wide matmul beats a 64 x 2 pair, whose 2-wide product is all overhead), else blocks of at
+    most `block`. Sylvester matrices are Kronecker powers of H_2, so any split is the same matrix."""
+    if p <= single:
+        return [p] if p > 1 else []
     out = []
     while p > 1:
         out.append(min(p, block))
@@ -199,11 +203,23 @@ class FastHadamard(torch.nn.Module):
         if spec.padded:
             x = torch.nn.functional.pad(x, (0, spec.order - spec.n))
         lead = x.shape[:-1]
+        rows = x.numel() // spec.order
         dims = [spec.k, *self.blocks]
-        y = x.reshape(-1, *dims)
-        # Sylvester blocks are symmetric; H_K is applied transposed: (xH)[a'] = sum_a x[a] H_K[a, a'].
-        for axis, h in enumerate([self.hk, *(getattr(self, f"h{i}") for i in range(len(self.blocks)))]):
-            y = torch.movedim(torch.movedim(y, axis + 1, -1) @ h.to(y.dtype), -1, axis + 1)
+        mats = [self.hk, *(getattr(self, f"h{i}") for i in range(len(self.blocks)))]
+        y = x.reshape(rows, spec.order)
+        # Each factor acts on one axis of y viewed as [rows, *dims], as a plain matmul on a
+        # contiguous view (no transposes): the last axis by right-multiplication, any other by
+        # left-multiplication with the transposed factor, batched over the axes before it.
+        # (xH)[a'] = sum_a x[a] H[a, a']; Sylvester blocks are symmetric, H_K in general is not.
+        for axis, (d, h) in enumerate(zip(dims, mats)):
+            if d == 1:
+                continue
+            before, after = rows * math.prod(dims[:axis]), math.prod(dims[axis + 1:])
+            h = h.to(y.dtype)
+            if after == 1:
+                y = y.reshape(before, d) @ h
+            else:
+                y = torch.matmul(h.t(), y.reshape(before, d, after))
         return y.reshape(*lead, spec.order) / math.sqrt(spec.order)
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks that `mquant bench` runs."""
