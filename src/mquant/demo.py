@@ -7,9 +7,11 @@ model, and write `results.json`, `report.md` and `plot.png`.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from mquant.api import load, quantize, save
@@ -17,12 +19,15 @@ from mquant.eval.registry import BENCHMARK
 from mquant.eval.report import machine_description, results_table, utc_now, write_plot
 from mquant.eval.runner import evaluate
 from mquant.fileio import atomic_directory, write_json_atomic, write_text_atomic
+from mquant.pipeline.calib import load_calibration
 from mquant.recipe import PRESETS, Recipe, load_recipe
 from mquant.zoo import EMBEDDED_MODEL
 
 FAST_LIMIT = 40  # test questions per task with --fast
 NUM_CALIB = 64
 DIAGNOSTIC_SAMPLES = 24
+TIMING_PROMPTS = 8  # prompts (calib split) whose prefill is timed per recipe
+INTEGER_CHECK = "mquant-w4a8"  # also scored when run by the integer backend
 
 # The paper's Table 7 ablation (static baseline -> + MSQ + AIFS -> + RMS); AIFS changes the layout of
 # the prefill, not its results, so MSQ and MSQ + AIFS score the same by construction (tested).
@@ -60,14 +65,20 @@ def run_demo(out: Path, fast: bool = False, recipes: list[str] | None = None, nu
     start = time.perf_counter()
     fp = load(EMBEDDED_MODEL)
     fp_result = evaluate(fp, list(BENCHMARK), limit=limit, progress=progress)
-    rows = [_row("fp32", "FP32", fp_result, _size_mb(EMBEDDED_MODEL))]
+    timing_batches = [fp.encode([s]) for s in load_calibration("builtin", TIMING_PROMPTS, seed=1).samples]
+    rows = [_row("fp32", "FP32", fp_result, _size_mb(EMBEDDED_MODEL),
+                 prefill_ms=prefill_ms(load(EMBEDDED_MODEL, dtype=torch.bfloat16), timing_batches))]
     for recipe in tqdm(recipes_, desc="recipes", disable=not progress):
         vlm = quantize(load(EMBEDDED_MODEL), recipe, "builtin", num_samples=num_calib, progress=False)
         ckpt = save(vlm, out / "checkpoints" / recipe.name)
         result = evaluate(vlm, list(BENCHMARK), limit=limit, progress=False)
         bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
-        rows.append(_row(recipe.name, bits, result, _size_mb(ckpt), recipe))
+        integer = load(ckpt, backend="cpu-int8")
+        rows.append(_row(recipe.name, bits, result, _size_mb(ckpt), recipe, prefill_ms(integer, timing_batches)))
         tqdm.write(f"{recipe.name:<22} average {100 * result['average']:.1f}", file=None)
+        if recipe.name == INTEGER_CHECK:  # the same recipe executed by the integer kernels, scored
+            result = evaluate(integer, list(BENCHMARK), limit=limit, progress=False)
+            rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, _size_mb(ckpt), recipe, rows[-1]["prefill_ms"]))
     diagnostics = _diagnostics(num_calib)
     write_json_atomic(out / "diagnostics.json", diagnostics)
     results = {
@@ -91,7 +102,21 @@ def run_demo(out: Path, fast: bool = False, recipes: list[str] | None = None, nu
     return results
 
 
-def _row(name: str, bits: str, result: dict, size_mb: float, recipe=None) -> dict:
+@torch.no_grad()
+def prefill_ms(vlm, batches: list[dict]) -> float:
+    """Median wall time of one prefill (the whole model on a prompt with its image), after a warm-up
+    pass that compiles the quantizers and picks the kernels."""
+    for batch in batches:
+        vlm.model(**batch)
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        vlm.model(**batch)
+        times.append((time.perf_counter() - start) * 1e3)
+    return round(statistics.median(times), 2)
+
+
+def _row(name: str, bits: str, result: dict, size_mb: float, recipe=None, prefill_ms: float | None = None) -> dict:
     language = recipe.language if recipe is not None else None
     w_bits = language.weights.num_bits if language and language.weights else (32 if recipe is None else 16)
     a_bits = language.input_activations.num_bits if language and language.input_activations else \
@@ -100,7 +125,7 @@ def _row(name: str, bits: str, result: dict, size_mb: float, recipe=None) -> dic
             "tasks": {t: r["score"] for t, r in result["tasks"].items()},
             "details": {t: {k: v for k, v in r.items() if k not in ("score", "n", "metric")}
                         for t, r in result["tasks"].items()},
-            "average": result["average"], "size_mb": round(size_mb, 3)}
+            "average": result["average"], "size_mb": round(size_mb, 3), "prefill_ms": prefill_ms}
 
 
 def _ablation_rows(rows: list[dict]) -> list[dict]:
@@ -152,7 +177,10 @@ def _report(results: dict, table: str, diagnostics: dict) -> str:
         f"Ran {results['date']} on {results['machine']} in {results['seconds']:.0f} s "
         f"(`mquant demo{' --fast' if results['fast'] else ''}`).\n\n"
         f"Scores are % on the test split ({n} questions); calibration used {results['num_calib']} samples "
-        "of the disjoint calib split. Bits are per part: vision / projector / language.\n\n"
+        "of the disjoint calib split. Bits are per part: vision / projector / language. Scores come from "
+        "the fake-quant reference, except the row marked (cpu-int8), run by the integer kernels. Prefill is "
+        "the median time of one whole-model prefill (image + prompt) on the integer backend (bf16 elsewhere), "
+        "FP32's row timed in bf16.\n\n"
         f"{table}\n\n![accuracy per recipe](plot.png)\n"
     )
     if results["ablation"]:

@@ -41,6 +41,10 @@ WEIGHTS = "model.safetensors"
 def save_quantized(vlm: VLM, out: str | os.PathLike) -> Path:
     if vlm.quant_info is None:
         raise MquantError("model is not quantized; run mquant.quantize first")
+    from mquant.runtime.int_linear import int_linears
+
+    if int_linears(vlm.model):
+        raise MquantError("this model runs on an integer backend; save the one loaded with backend='fake'")
     manifest = {
         "format": FORMAT,
         "version": VERSION,

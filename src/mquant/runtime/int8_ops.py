@@ -136,11 +136,9 @@ class Int8Gemm:
         minority = [(0, start), (stop, rows)] if inner_major else [(start, stop)]
         for a, b in minority:
             if b > a:
-                block = y[a:b]
-                if self.bias is None:
-                    block.mul_(ratio)
-                else:
-                    block.sub_(self.bias).mul_(ratio).add_(self.bias)
+                block = y[a:b].mul_(ratio)  # (acc·s + bias)·r + bias·(1 - r) = acc·s·r + bias
+                if self.bias is not None:
+                    block.add_(self.bias, alpha=1 - ratio)
         return y
 
     def rows(self, q: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

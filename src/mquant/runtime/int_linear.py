@@ -95,6 +95,9 @@ class IntLinear(nn.Module):
     def from_quant(cls, ref: QuantLinear, make_gemm, dtype: torch.dtype) -> "IntLinear":
         """`make_gemm(codes, scale, group_size, bias)` builds the backend's product object."""
         qw = ref.quantized_weight()
+        if qw is None and ref.act_args is not None:
+            raise MquantError("the integer backends need quantized weights wherever activations are quantized; "
+                              "use backend='fake' for float weights with quantized inputs")
         if qw is None or ref.act_args is None:
             return cls(ref, None, dtype)
         group = qw.args.group_size if qw.args.strategy == "group" else None
