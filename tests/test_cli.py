@@ -82,3 +82,34 @@ def test_verify_rejects_unknown_transforms(tiny_dirs, tmp_path):
     assert_one_line_error(mquant(*args, "--transforms", "rotate,spin", check=False), "unknown transform 'spin'")
     assert_one_line_error(mquant(*args, "--transforms", "rms", check=False), "needs online_hadamard")
     assert not (tmp_path / "v.json").exists()
+
+
+def test_generate_answers_an_interleaved_prompt_on_each_backend(tmp_path):
+    from mquant.zoo import EMBEDDED_MODEL, benchmark
+
+    sample = benchmark.generate("compare", "test", 1)[0]
+    paths = []
+    for i, image in enumerate(sample.images):
+        image.save(tmp_path / f"{i}.png")
+        paths += ["--image", tmp_path / f"{i}.png"]
+    fp = mquant("generate", EMBEDDED_MODEL, *paths, "--prompt", sample.text, "--max-new-tokens", 4).stdout.strip()
+    assert fp == sample.answers[0]
+    quant = tmp_path / "q"
+    mquant("quantize", EMBEDDED_MODEL, "--recipe", "mquant-w4a8", "--calib", "synthetic", "--num-calib", 4,
+           "--out", quant)
+    answers = {backend: mquant("generate", quant, *paths, "--prompt", sample.text, "--backend", backend,
+                               "--max-new-tokens", 4).stdout.strip() for backend in ("fake", "cpu-int8")}
+    assert answers["fake"] and answers["cpu-int8"] == answers["fake"]
+
+
+def test_generate_errors_are_one_line(tmp_path, tiny_dirs):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    model = tiny_dirs["qwen2_vl"]
+    assert_one_line_error(mquant("generate", model, "--image", tmp_path / "missing.png", "--prompt", "hi",
+                                 check=False), "cannot read image")
+    assert_one_line_error(mquant("generate", model, "--image", tmp_path / "a.png", "--prompt", "<image> <image> x",
+                                 check=False), "2 <image> markers but 1")
+    assert_one_line_error(mquant("generate", model, "--prompt", "hi", "--backend", "cpu-int8", check=False),
+                          "not a quantized checkpoint")

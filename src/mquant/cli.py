@@ -115,6 +115,28 @@ def cmd_demo(args) -> None:
     print(f"wrote {args.out}/results.json, report.md, plot.png ({results['seconds']:.0f} s)")
 
 
+def cmd_generate(args) -> None:
+    import mquant
+    from PIL import Image
+
+    from mquant.samples import IMAGE_MARKER, Sample
+
+    images = []
+    for path in args.image:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise MquantError(f"cannot read image {path} ({exc})") from None
+    markers = args.prompt.count(IMAGE_MARKER)
+    if markers and markers != len(images):
+        raise MquantError(f"the prompt has {markers} {IMAGE_MARKER} markers but {len(images)} --image were given")
+    if args.max_new_tokens < 1:
+        raise MquantError("--max-new-tokens must be at least 1")
+    vlm = mquant.load(args.model, backend=args.backend, device=args.device)
+    print(vlm.generate([Sample("prompt", images, args.prompt)], max_new_tokens=args.max_new_tokens)[0])
+
+
 def cmd_bench_latency(args) -> None:
     from mquant.bench.latency import VARIANTS, markdown, plot, run_latency
     from mquant.fileio import write_json_atomic, write_text_atomic
@@ -202,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipes", default=None, help="comma-separated recipes instead of every preset")
     d.add_argument("--num-calib", type=int, default=64, help="calibration samples per recipe (default 64)")
     d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="answer one prompt (with images) by greedy decoding",
+                       description="Load a floating-point or quantized model and print its greedy answer to one "
+                                   "prompt. Several --image give an interleaved prompt: mark where each goes "
+                                   "with <image> in --prompt (without markers the images come first).")
+    g.add_argument("model", help="model or quantized checkpoint directory")
+    g.add_argument("--prompt", required=True, help="the question; <image> marks image positions")
+    g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    g.add_argument("--backend", default="fake", choices=("fake", "cpu-int8", "triton"),
+                   help="how a quantized checkpoint runs (default fake: the reference)")
+    g.add_argument("--device", default=None, help="device (default: cpu; cuda for the triton backend)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+    g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks (latency of the integer runtime)")
     bench = b.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
