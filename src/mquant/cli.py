@@ -103,6 +103,29 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_export(args) -> None:
+    from mquant.export.compressed import size_mb
+
+    if args.format == "native":
+        import mquant
+
+        mquant.save(mquant.load(args.model), args.out)
+        print(f"wrote {args.out} (mquant native, {size_mb(args.out):.2f} MB)")
+        return
+    from mquant.export.compressed import export_compressed, export_accuracy
+
+    result = export_compressed(args.model, args.out, args.scheme)
+    for warning in result["warnings"]:
+        print(f"mquant: warning: {warning}", file=sys.stderr)
+    print(f"wrote {args.out} (compressed-tensors {result['format']}, scheme {args.scheme}, "
+          f"{size_mb(args.out):.2f} MB; native {size_mb(args.model):.2f} MB)")
+    if args.eval_limit:
+        rows = export_accuracy(args.model, args.out, args.scheme, args.eval_limit)
+        print(f"{'model':<50} {'average':>8}")
+        for name, average in rows.items():
+            print(f"{name:<50} {100 * average:>7.1f}%")
+
+
 def cmd_demo(args) -> None:
     from mquant.demo import run_demo
     from mquant.zoo import EMBEDDED_MODEL
@@ -250,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default per preset)")
     lat.add_argument("--variants", default=None, help="comma-separated subset of the variants")
     lat.set_defaults(func=cmd_bench_latency)
+
+    x = sub.add_parser("export", help="write a quantized checkpoint for serving engines (compressed-tensors) or as native",
+                       description="Export an mquant checkpoint. compressed-tensors: plain Linear layers with int "
+                                   "weights and one input grid each, loadable by transformers (with the "
+                                   "compressed-tensors package) and vLLM; what the format cannot express is printed "
+                                   "as warnings, and the exported scheme's accuracy is measured on the built-in "
+                                   "benchmark. native: mquant's own format, everything kept.")
+    x.add_argument("model", help="quantized checkpoint directory (mquant native)")
+    x.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "native"))
+    x.add_argument("--scheme", default="w8a8-static", choices=("w8a8-static", "w4a8-dynamic", "w4a16"),
+                   help="compressed-tensors scheme (default w8a8-static: int8-stored weights, static input scale)")
+    x.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    x.add_argument("--eval-limit", type=int, default=40,
+                   help="questions per benchmark task for the accuracy comparison (default 40; 0 skips it)")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("recipes", help="list preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="preset name or recipe file to print")

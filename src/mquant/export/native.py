@@ -4,13 +4,15 @@ Layout of a checkpoint directory:
 - `config.json`, tokenizer and image-processor files: the base model, as Hugging Face writes them;
 - `model.safetensors`: every tensor; quantized linears hold `weight_packed` (int4, two per byte) or
   `weight_codes` (int8), `weight_scale` and static `input_scale`;
-- `mquant_checkpoint.json`: format name and version, family, and each quantized module's shape and
-  quantization arguments (so the skeleton is rebuilt before tensors are loaded — nothing is pickled);
+- `mquant_checkpoint.json`: format name and version, family, each quantized module's shape and
+  quantization arguments (so the skeleton is rebuilt before tensors are loaded — nothing is pickled)
+  and the SHA-256 of the weights file (checked at load: a corrupted file is refused);
 - `recipe.yaml`, `quant_report.json`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -57,10 +59,19 @@ def save_quantized(vlm: VLM, out: str | os.PathLike) -> Path:
         vlm.tokenizer.save_pretrained(tmp)
         vlm.image_processor.save_pretrained(tmp)
         save_file(_unshared(vlm.model.state_dict()), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        manifest["sha256"] = {WEIGHTS: file_sha256(tmp / WEIGHTS)}
         write_text_atomic(tmp / "recipe.yaml", Recipe.model_validate(vlm.quant_info["recipe"]).to_yaml())
         write_json_atomic(tmp / "quant_report.json", vlm.quant_info["report"])
         write_json_atomic(tmp / MANIFEST, manifest)  # written last: its presence marks a complete checkpoint
     return Path(out)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,6 +108,9 @@ def load_quantized(path: str | os.PathLike) -> VLM:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise MquantError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
+    expected = manifest.get("sha256", {}).get(WEIGHTS)
+    if expected is not None and file_sha256(weights) != expected:
+        raise MquantError(f"{weights}: corrupted (its SHA-256 differs from the one recorded at save time)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
