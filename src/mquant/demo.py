@@ -19,6 +19,7 @@ from mquant.eval.registry import BENCHMARK
 from mquant.eval.report import machine_description, results_table, utc_now, write_plot
 from mquant.eval.runner import evaluate
 from mquant.fileio import atomic_directory, write_json_atomic, write_text_atomic
+from mquant.export.compressed import export_compressed, natural_scheme, size_mb
 from mquant.pipeline.calib import load_calibration
 from mquant.recipe import PRESETS, Recipe, load_recipe
 from mquant.zoo import EMBEDDED_MODEL
@@ -48,10 +49,6 @@ def ablation_recipe(name: str) -> Recipe:
     return load_recipe(name)
 
 
-def _size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
-
-
 def run_demo(out: Path, fast: bool = False, recipes: list[str] | None = None, num_calib: int = NUM_CALIB,
              progress: bool = True) -> dict:
     """Every preset (or `recipes`) plus the ablation's extra recipe, when the ablation is complete."""
@@ -66,7 +63,7 @@ def run_demo(out: Path, fast: bool = False, recipes: list[str] | None = None, nu
     fp = load(EMBEDDED_MODEL)
     fp_result = evaluate(fp, list(BENCHMARK), limit=limit, progress=progress)
     timing_batches = [fp.encode([s]) for s in load_calibration("builtin", TIMING_PROMPTS, seed=1).samples]
-    rows = [_row("fp32", "FP32", fp_result, _size_mb(EMBEDDED_MODEL),
+    rows = [_row("fp32", "FP32", fp_result, size_mb(EMBEDDED_MODEL),
                  prefill_ms=prefill_ms(load(EMBEDDED_MODEL, dtype=torch.bfloat16), timing_batches))]
     for recipe in tqdm(recipes_, desc="recipes", disable=not progress):
         vlm = quantize(load(EMBEDDED_MODEL), recipe, "builtin", num_samples=num_calib, progress=False)
@@ -74,11 +71,15 @@ def run_demo(out: Path, fast: bool = False, recipes: list[str] | None = None, nu
         result = evaluate(vlm, list(BENCHMARK), limit=limit, progress=False)
         bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
         integer = load(ckpt, backend="cpu-int8")
-        rows.append(_row(recipe.name, bits, result, _size_mb(ckpt), recipe, prefill_ms(integer, timing_batches)))
+        rows.append(_row(recipe.name, bits, result, size_mb(ckpt), recipe, prefill_ms(integer, timing_batches)))
+        scheme = natural_scheme(vlm)
+        if scheme is not None:  # the size of what serving engines would load
+            rows[-1]["export"] = {"scheme": scheme, "size_mb": round(size_mb(export_compressed(
+                ckpt, out / "exports" / recipe.name, scheme)["path"]), 3)}
         tqdm.write(f"{recipe.name:<22} average {100 * result['average']:.1f}", file=None)
         if recipe.name == INTEGER_CHECK:  # the same recipe executed by the integer kernels, scored
             result = evaluate(integer, list(BENCHMARK), limit=limit, progress=False)
-            rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, _size_mb(ckpt), recipe, rows[-1]["prefill_ms"]))
+            rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, size_mb(ckpt), recipe, rows[-1]["prefill_ms"]))
     diagnostics = _diagnostics(num_calib)
     write_json_atomic(out / "diagnostics.json", diagnostics)
     results = {
@@ -137,7 +138,6 @@ def _ablation_rows(rows: list[dict]) -> list[dict]:
 def _diagnostics(num_samples: int) -> dict:
     """Activation statistics of the FP model before and after the rotations (calib split)."""
     from mquant.eval.diagnostics import activation_statistics
-    from mquant.pipeline.calib import load_calibration
     from mquant.transforms.apply import apply_transforms
 
     samples = load_calibration("builtin", min(num_samples, DIAGNOSTIC_SAMPLES)).samples

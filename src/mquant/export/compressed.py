@@ -93,6 +93,18 @@ def warnings_for(vlm: VLM, scheme: str) -> list[str]:
     return out
 
 
+def natural_scheme(vlm: VLM) -> str | None:
+    """The scheme closest to the checkpoint's own (None when it cannot be exported)."""
+    acts = [m.act_args for _, m in quant_linears(vlm.model) if m.patch is None]
+    scheme = "w4a16" if all(a is None for a in acts) else \
+        "w4a8-dynamic" if any(a is not None and a.dynamic for a in acts) else "w8a8-static"
+    try:
+        check_exportable(vlm, scheme)
+    except MquantError:
+        return None
+    return scheme
+
+
 # -- mquant's fake-quant model of an exported scheme --------------------------------------------
 def scheme_model(checkpoint: str | os.PathLike, scheme: str) -> VLM:
     """The checkpoint as the exported scheme computes: one scale per input (max of the modality
@@ -197,7 +209,8 @@ def export_compressed(checkpoint: str | os.PathLike, out: str | os.PathLike, sch
         vlm.model.config.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         write_json_atomic(tmp / "config.json", {**config, "quantization_config": qconfig})
-    return {"scheme": scheme, "format": qconfig["format"], "warnings": warnings_for(vlm, scheme), "ignore": sorted(ignore)}
+    return {"scheme": scheme, "format": qconfig["format"], "warnings": warnings_for(vlm, scheme), "ignore": sorted(ignore),
+            "path": Path(out)}
 
 
 def _inside(key: str, layers: dict[str, QuantLinear]) -> bool:
