@@ -41,7 +41,10 @@ def _checkpoint(path, recipe, out):
 
 CASES = [("qwen2_vl", "gptq-w4a8", "w8a8-static"), ("qwen2_vl", "gptq-w4a8", "w4a8-dynamic"),
          ("qwen2_vl", "gptq-w4a8", "w4a16"), ("qwen2_vl", "msq", "w8a8-static"),
-         ("llava", "gptq-w4a8", "w8a8-static"), ("embedded", "gptq-w4a8", "w8a8-static")]
+         ("llava", "gptq-w4a8", "w8a8-static"), ("embedded", "gptq-w4a8", "w8a8-static"),
+         # Structural transforms undone in floating point (online Hadamard, RMS, the rotated vision stream)
+         ("qwen2_vl", "mquant-w4a8", "w8a8-static"), ("qwen2_vl", "quarot-w4a8", "w4a16"),
+         ("embedded", "mquant-w4a8", "w8a8-static")]
 
 
 @pytest.mark.parametrize("model, recipe, scheme", CASES)
@@ -78,13 +81,32 @@ def test_pack_int32_is_offset_binary_lowest_bits_first():
     assert packed[0, 1].item() == 7 | (8 << 4) | (8 << 8) | (8 << 12) | (8 << 16) | (8 << 20) | (8 << 24) | (8 << 28) - 2**32
 
 
-def test_structural_transforms_are_refused_in_one_line(tiny_dirs, tmp_path):
-    ckpt = _checkpoint(tiny_dirs["qwen2_vl"], "mquant-w4a8", tmp_path / "q")
-    with pytest.raises(MquantError, match="structural transforms") as info:
+def test_unsupported_structures_are_refused_in_one_line(tiny_dirs, tmp_path):
+    ckpt = _checkpoint(tiny_dirs["llava"], "mquant-w4a8", tmp_path / "q")  # CLIP's open vision stream
+    with pytest.raises(MquantError, match="open vision stream") as info:
         export_compressed(ckpt, tmp_path / "ct", "w8a8-static")
     assert "\n" not in str(info.value) and not (tmp_path / "ct").exists()
     with pytest.raises(MquantError, match="unknown scheme"):
         export_compressed(ckpt, tmp_path / "ct", "w2a2")
+
+
+def test_undone_transforms_leave_the_quantized_set_and_stay_exact(tiny_dirs, tmp_path):
+    from mquant.export.plain import unfused_weight
+    from mquant.transforms.hadamard import dense_hadamard, hadamard_spec
+
+    for n in (96, 80, 269):  # 269 is zero-padded to 272
+        spec = hadamard_spec(n)
+        w = torch.randn(5, spec.order, dtype=torch.float64)
+        m = torch.tensor(dense_hadamard(spec), dtype=torch.float64) / spec.order**0.5
+        torch.testing.assert_close(unfused_weight(w, spec), (w @ m.T)[:, :n])
+    ckpt = _checkpoint(tiny_dirs["qwen2_vl"], "mquant-w4a8", tmp_path / "q")
+    plain = scheme_model(ckpt, "w8a8-static")
+    assert any(n.endswith("mlp.down_proj") for n in plain.floated)
+    assert any(n.startswith("model.visual.blocks") for n in plain.floated)
+    assert "model.visual.merger.mlp.2" not in plain.floated  # its weights do not see the vision stream
+    fp_model = load_pretrained(tiny_dirs["qwen2_vl"]).model
+    assert {type(m) for m in plain.model.modules()} <= {type(m) for m in fp_model.modules()} | {
+        type(m) for m in plain.model.modules() if type(m).__name__ == "QuantLinear"}
 
 
 def test_native_export_reproduces_outputs_and_rejects_damage(tiny_dirs, tmp_path):

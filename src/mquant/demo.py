@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mquant.api import load, quantize, save
+from mquant.errors import MquantError
 from mquant.eval.registry import BENCHMARK
 from mquant.eval.report import machine_description, results_table, utc_now, write_plot
 from mquant.eval.runner import evaluate
@@ -72,10 +73,7 @@ def run_demo(out: Path, fast: bool = False, recipes: list[str] | None = None, nu
         bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
         integer = load(ckpt, backend="cpu-int8")
         rows.append(_row(recipe.name, bits, result, size_mb(ckpt), recipe, prefill_ms(integer, timing_batches)))
-        scheme = natural_scheme(vlm)
-        if scheme is not None:  # the size of what serving engines would load
-            rows[-1]["export"] = {"scheme": scheme, "size_mb": round(size_mb(export_compressed(
-                ckpt, out / "exports" / recipe.name, scheme)["path"]), 3)}
+        rows[-1]["export"] = _export_size(ckpt, out / "exports" / recipe.name, natural_scheme(vlm))
         tqdm.write(f"{recipe.name:<22} average {100 * result['average']:.1f}", file=None)
         if recipe.name == INTEGER_CHECK:  # the same recipe executed by the integer kernels, scored
             result = evaluate(integer, list(BENCHMARK), limit=limit, progress=False)
@@ -115,6 +113,14 @@ def prefill_ms(vlm, batches: list[dict]) -> float:
         vlm.model(**batch)
         times.append((time.perf_counter() - start) * 1e3)
     return round(statistics.median(times), 2)
+
+
+def _export_size(ckpt: Path, out: Path, scheme: str) -> dict | None:
+    """Size of the compressed-tensors export that serving engines would load (None if refused)."""
+    try:
+        return {"scheme": scheme, "size_mb": round(size_mb(export_compressed(ckpt, out, scheme)["path"]), 3)}
+    except MquantError:
+        return None
 
 
 def _row(name: str, bits: str, result: dict, size_mb: float, recipe=None, prefill_ms: float | None = None) -> dict:

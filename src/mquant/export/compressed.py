@@ -8,8 +8,8 @@ export says so:
   neither modality clips;
 - AIFS is a run-time reordering of the prefill: engines run prompts in their own order;
 - patch-embedding convolutions are not `Linear`s: exported unquantized (their dequantized weights);
-- structural transforms (LN2RN's norms, the online Hadamard, the RMS channel-0 branch) change the
-  module graph, which plain transformers cannot run: such checkpoints are refused, naming them.
+- structural transforms (the online Hadamard, the RMS branch, a rotated vision stream, LN2RN's
+  norms) are undone in floating point (`mquant.export.plain`): those layers leave the quantized set.
 
 Schemes (`--scheme`):
 - "w8a8-static": `int-quantized`, the weight codes stored as int8 (4-bit values stay 4-bit
@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import save_file
 
 from mquant.errors import MquantError
-from mquant.export.native import load_quantized, structural_replacements
+from mquant.export.native import load_quantized
+from mquant.export.plain import to_plain
 from mquant.fileio import atomic_directory, write_json_atomic
 from mquant.models.vlm import VLM
 from mquant.numerics.args import QuantArgs
@@ -43,14 +44,7 @@ PER_TOKEN = QuantArgs(num_bits=8, strategy="token", dynamic=True)
 
 # -- what can be exported ----------------------------------------------------------------------
 def check_exportable(vlm: VLM, scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise MquantError(f"unknown scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
-    structural = sorted({d["type"] for d in structural_replacements(vlm.model).values()})
-    online = [n for n, m in quant_linears(vlm.model) if m.input_transform is not None or m.channel0 is not None]
-    if structural or online:
-        what = ", ".join(structural + ([f"online Hadamard/RMS on {len(online)} layers"] if online else []))
-        raise MquantError(f"compressed-tensors cannot express this checkpoint's structural transforms ({what}); "
-                          "export recipes without ln2rn/online_hadamard/rms, or use --format native")
+    """What the format needs of the quantized layers left in the plain model."""
     grids = [a for _, m in quant_linears(vlm.model) for a in (m.weight_args, m.act_args) if a is not None]
     if any(not a.symmetric for a in grids):
         raise MquantError("compressed-tensors export covers symmetric grids; this checkpoint has asymmetric ones")
@@ -78,6 +72,11 @@ def warnings_for(vlm: VLM, scheme: str) -> list[str]:
     if vlm.quant_info and vlm.quant_info["recipe"]["transforms"].get("aifs"):
         out.append("AIFS (visual-first prefill order) is run-time behaviour the format cannot carry; "
                    "results are the same, the integer layout is not")
+    floated = getattr(vlm, "floated", [])
+    if floated:
+        out.append(f"{len(floated)} layers run in floating point (their quantized weight values, inputs "
+                   "unquantized): transformers runs neither online Hadamards nor a rotated vision stream "
+                   f"(e.g. {floated[0]}); see `ignore` in config.json")
     patches = [n for n, m in layers if m.patch is not None]
     if patches:
         out.append(f"{', '.join(patches)}: a patch convolution, not a Linear: exported unquantized "
@@ -93,28 +92,28 @@ def warnings_for(vlm: VLM, scheme: str) -> list[str]:
     return out
 
 
-def natural_scheme(vlm: VLM) -> str | None:
-    """The scheme closest to the checkpoint's own (None when it cannot be exported)."""
+def natural_scheme(vlm: VLM) -> str:
+    """The scheme closest to the checkpoint's own activations."""
     acts = [m.act_args for _, m in quant_linears(vlm.model) if m.patch is None]
-    scheme = "w4a16" if all(a is None for a in acts) else \
-        "w4a8-dynamic" if any(a is not None and a.dynamic for a in acts) else "w8a8-static"
-    try:
-        check_exportable(vlm, scheme)
-    except MquantError:
-        return None
-    return scheme
+    if all(a is None for a in acts):
+        return "w4a16"
+    return "w4a8-dynamic" if any(a is not None and a.dynamic for a in acts) else "w8a8-static"
 
 
 # -- mquant's fake-quant model of an exported scheme --------------------------------------------
 def scheme_model(checkpoint: str | os.PathLike, scheme: str) -> VLM:
-    """The checkpoint as the exported scheme computes: one scale per input (max of the modality
-    scales), per-token or no activation quantization as the scheme says, patch convolutions
-    unquantized, the prefill in prompt order."""
+    """The checkpoint as the exported scheme computes: the plain architecture (`export.plain`), one
+    scale per input (max of the modality scales), per-token or no activation quantization as the
+    scheme says, patch convolutions unquantized, the prefill in prompt order. The names of the
+    layers that had to leave the quantized set are in `vlm.floated`."""
     from mquant.modality.aifs import disable_aifs
 
+    if scheme not in SCHEMES:
+        raise MquantError(f"unknown scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
     vlm = load_quantized(checkpoint)
-    check_exportable(vlm, scheme)
     disable_aifs(vlm.model, vlm.family.language_model)
+    vlm.floated = to_plain(vlm)
+    check_exportable(vlm, scheme)
     for _, m in quant_linears(vlm.model):
         if m.patch is not None or scheme == "w4a16":
             m.act_args = None
