@@ -70,6 +70,10 @@ def test_transformers_reload_matches_the_exported_scheme(model_dirs, tmp_path, m
             ours = reference.model(**batch).logits
         # One rounding boundary crossed by float noise moves one code step; hence a tolerance.
         assert (theirs - ours).abs().max() <= 2e-3 * ours.abs().max(), (i, (theirs - ours).abs().max())
+    reloaded = mquant.load(out)  # mquant reads its exports too, as transformers runs them
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(**batch).logits, theirs, rtol=0, atol=1e-5)
+    assert len(reloaded.generate(samples[:1], 3)) == 1  # generate works (decompressed before the vision call)
 
 
 def test_pack_int32_is_offset_binary_lowest_bits_first():

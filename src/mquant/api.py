@@ -109,17 +109,24 @@ def quantize(
 
 def load(path: str | os.PathLike, backend: str = "fake", dtype: torch.dtype | None = None,
          device: str | None = None, kernel: str = "auto") -> VLM:
-    """Load a floating-point HF checkpoint or an mquant quantized checkpoint.
+    """Load a floating-point HF checkpoint, an mquant quantized checkpoint or a compressed-tensors
+    export (`mquant export`).
 
     A quantized checkpoint runs on `backend`: "fake" (the fake-quant reference, float32),
     "cpu-int8" (int8 kernels on the CPU, bfloat16 elsewhere) or "triton" (the W4A8 GPU kernel,
     on `device`, default cuda). `dtype` overrides the backend's activation dtype; `kernel` picks the
     CPU kernel ("auto", "onednn", "int_mm")."""
+    from mquant.export.compressed import is_compressed_tensors, load_export
     from mquant.export.native import MANIFEST, load_quantized
     from mquant.runtime.backends import BACKENDS, to_backend
 
     if backend not in BACKENDS:
         raise MquantError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if is_compressed_tensors(path):  # an `mquant export`: executed as transformers does (fake-quant)
+        if backend != "fake":
+            raise MquantError(f"{path}: a compressed-tensors export runs as transformers runs it (backend 'fake'); "
+                              "load the native checkpoint for the integer backends")
+        return load_export(path)
     if not (Path(path) / MANIFEST).exists():
         if backend != "fake":
             raise MquantError(f"{path}: not a quantized checkpoint; backend {backend!r} needs one")

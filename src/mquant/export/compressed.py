@@ -229,23 +229,38 @@ def read_export_config(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "config.json").read_text())["quantization_config"]
 
 
-def load_export(out: str | os.PathLike, like: VLM) -> VLM:
-    """The export as plain transformers loads it (needs the compressed-tensors package), wrapped
-    with `like`'s tokenizer and image processor."""
+def is_compressed_tensors(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        qconfig = json.loads(config.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return qconfig.get("quant_method") == "compressed-tensors"
+
+
+def load_export(out: str | os.PathLike) -> VLM:
+    """A compressed-tensors export as transformers runs it (fake-quant; needs the compressed-tensors
+    package), with the tokenizer and image processor saved beside it."""
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
         raise MquantError("loading a compressed-tensors export needs the compressed-tensors package "
                           "(pip install compressed-tensors)") from None
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoTokenizer
 
-    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    from mquant.models.registry import family_for_architectures
+    from mquant.models.vlm import read_config
+
+    family = family_for_architectures(read_config(out).get("architectures"))
+    model = family.model_class.from_pretrained(out, use_safetensors=True).eval()
     # compressed-tensors decompresses on the first forward of the whole model, but `generate` of a
     # multimodal model calls the vision encoder before that: decompress now.
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
     if getattr(model, "ct_decompress_hook", None) is not None and compressor is not None:
         compressor.decompress_model(model)
-    return VLM(model, like.tokenizer, like.image_processor, like.family, str(out), like.quant_info)
+    return VLM(model, AutoTokenizer.from_pretrained(out), family.images.load_processor(str(out)), family, str(out))
 
 
 def export_accuracy(checkpoint: str | os.PathLike, out: str | os.PathLike, scheme: str, limit: int) -> dict:
@@ -257,7 +272,7 @@ def export_accuracy(checkpoint: str | os.PathLike, out: str | os.PathLike, schem
     native = load_quantized(checkpoint)
     rows = {"native (fake-quant)": native, f"exported scheme {scheme} (mquant fake-quant)": scheme_model(checkpoint, scheme)}
     try:
-        rows["export reloaded by transformers"] = load_export(out, native)
+        rows["export reloaded by transformers"] = load_export(out)
     except MquantError as exc:
         print(f"mquant: warning: {exc}; the transformers reload is not evaluated")
     return {name: evaluate(vlm, list(BENCHMARK), limit=limit, progress=False)["average"] for name, vlm in rows.items()}
