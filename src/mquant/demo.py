@@ -19,7 +19,7 @@ from mquant.errors import MquantError
 from mquant.eval.registry import BENCHMARK
 from mquant.eval.report import machine_description, results_table, utc_now, write_plot
 from mquant.eval.runner import evaluate
-from mquant.fileio import atomic_directory, write_json_atomic, write_text_atomic
+from mquant.fileio import write_json_atomic, write_text_atomic
 from mquant.export.compressed import export_compressed, natural_scheme, size_mb
 from mquant.pipeline.calib import load_calibration
 from mquant.recipe import PRESETS, Recipe, load_recipe

@@ -3,7 +3,8 @@
 - Activation quantizers: static (one scale), two-block (AIFS: one row range on one scale, the rest
   on another), per-row lookup (MSQ without AIFS) and dynamic per-token. In eager mode quantizing
   costs more than the int8 GEMM, so each is compiled once with `torch.compile` (dynamic shapes)
-  into one fused pass; without a working compiler they run eagerly, with identical results.
+  into one fused pass; without a working compiler (or with MQUANT_COMPILE=0) they run eagerly,
+  with identical results.
 - `Int8Gemm`: y = (q_x · W_qᵀ) · x_scale · w_scale + bias from int8 codes, on oneDNN's
   `qlinear_pointwise` (AMX/VNNI, scales and bias fused, output in the activation dtype) or on
   `torch._int_mm` (int32 out, epilogue compiled), whichever measures faster for the shape; both
@@ -91,7 +92,8 @@ def onednn_available() -> bool:
 
 
 class Int8Gemm:
-    """int8 weight codes [out, in] with their scales and bias, prepared once for the CPU integer kernels.
+    """int8 weight codes [out, in] with their scales and bias, prepared once for the integer kernels
+    (the CPU's; on CUDA, `_int_mm` for the 8-bit weights the Triton W4A8 kernel does not take).
 
     Three products, one per way activation scales can be laid out over the rows:
     `scalar` (one scale), `two_blocks` (AIFS: rows [start, stop) on one scale, the rest on another)
