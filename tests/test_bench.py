@@ -19,7 +19,7 @@ def test_latency_ci_small_writes_json_table_and_plot(tmp_path, capsys):
         assert all(t >= 0 for t in times.values())
     for key in ("static_aifs_vs_dynamic", "static_aifs_vs_bf16", "static_aifs_vs_msq_no_aifs", "act_quant_overhead"):
         assert isinstance(result["ratios"][key], float)
-    assert result["gemm_only_ms"] > 0
+    assert result["gemm_only_ms"] > 0 and result["gemm_isolated_ms"] > 0
     assert out.with_suffix(".md").read_text().startswith("Latency, preset `ci-small`")
     assert out.with_suffix(".png").stat().st_size > 0
 
