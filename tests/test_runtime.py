@@ -162,3 +162,21 @@ def test_triton_backend_runs_a_model(tiny_dirs, tmp_path_factory, triton_device)
     ref = mquant.load(path, device=triton_device).logits(sample).cpu()
     out = mquant.load(path, backend="triton", dtype=torch.float32, device=triton_device).logits(sample).cpu()
     assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()  # as for cpu-int8: one code step may move
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
+    def broken(fn, dynamic):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+
+    def square(x):
+        return x * x
+
+    # functools.cache keeps the undecorated function as __wrapped__: no cached instance is touched
+    wrapped = int8_ops.compiled.__wrapped__(square)
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        assert torch.equal(wrapped(torch.tensor([3.0])), torch.tensor([9.0]))
+    assert torch.equal(wrapped(torch.tensor([2.0])), torch.tensor([4.0]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 
 import torch
 
@@ -82,7 +83,21 @@ def compiled(fn):
     # One graph per dtype, contiguity and 1-row (decode) specialization: more than dynamo's
     # default limit of 8 once several models run in one process.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True)
+    fast = torch.compile(fn, dynamic=True)
+    state = {"compiled": True}
+
+    @functools.wraps(fn)
+    def run(*args):
+        if state["compiled"]:
+            try:
+                return fast(*args)
+            except Exception as exc:  # e.g. no C++ compiler on this machine: eager gives the same codes
+                state["compiled"] = False
+                warnings.warn(f"torch.compile failed for {fn.__name__} ({type(exc).__name__}); running it "
+                              "eagerly (same results, slower)")
+        return fn(*args)
+
+    return run
 
 
 # -- the GEMM -------------------------------------------------------------------------------------
