@@ -44,7 +44,8 @@ CASES = [("qwen2_vl", "gptq-w4a8", "w8a8-static"), ("qwen2_vl", "gptq-w4a8", "w4
          ("llava", "gptq-w4a8", "w8a8-static"), ("embedded", "gptq-w4a8", "w8a8-static"),
          # Structural transforms undone in floating point (online Hadamard, RMS, the rotated vision stream)
          ("qwen2_vl", "mquant-w4a8", "w8a8-static"), ("qwen2_vl", "quarot-w4a8", "w4a16"),
-         ("embedded", "mquant-w4a8", "w8a8-static")]
+         ("embedded", "mquant-w4a8", "w8a8-static"),
+         ("qwen2_vl", "mquant-w8a8-w4a8", "w8a8-static")]  # two weight grids: two config groups
 
 
 @pytest.mark.parametrize("model, recipe, scheme", CASES)

@@ -49,9 +49,6 @@ def check_exportable(vlm: VLM, scheme: str) -> None:
     if any(not a.symmetric for a in grids):
         raise MquantError("compressed-tensors export covers symmetric grids; this checkpoint has asymmetric ones")
     weights = {m.weight_args for _, m in quant_linears(vlm.model) if m.patch is None and m.weight_args is not None}
-    if len(weights) > 1:
-        raise MquantError("compressed-tensors holds one weight grid here, this checkpoint has "
-                          f"{len(weights)} ({'; '.join(sorted(w.describe() for w in weights))}): use --format native")
     if scheme == "w4a16" and any(w.num_bits != 4 for w in weights):
         raise MquantError("w4a16 packs 4-bit weights; this checkpoint's weights have "
                           f"{', '.join(sorted({str(w.num_bits) for w in weights}))} bits")
@@ -157,21 +154,26 @@ def _grid(args: QuantArgs, num_bits: int | None = None) -> dict:
 
 
 def quantization_config(vlm: VLM, scheme: str, ignore: list[str]) -> dict:
-    weights = next(m.weight_args for _, m in quant_linears(vlm.model) if m.patch is None and m.weight_args)
+    """One config group per (weight grid, input grid) pair; with a single pair it targets every
+    `Linear` (minus `ignore`), otherwise each group names its layers."""
     fmt = "pack-quantized" if scheme == "w4a16" else "int-quantized"
-    if scheme == "w4a16":
-        inputs = None
-    elif scheme == "w4a8-dynamic":
-        inputs = _grid(PER_TOKEN)
-    else:
-        inputs = _grid(next(m.act_args for _, m in quant_linears(vlm.model) if m.patch is None))
+    pairs: dict[tuple, list[str]] = {}
+    for name, m in quant_linears(vlm.model):
+        if m.patch is None and m.weight_args is not None:
+            pairs.setdefault((m.weight_args, m.act_args), []).append(name)
+    groups = {}
+    for i, ((weights, inputs), names) in enumerate(pairs.items()):
+        groups[f"group_{i}"] = {
+            "targets": ["Linear"] if len(pairs) == 1 else sorted(names),
+            # int-quantized stores every code in an int8, whatever its bit width
+            "weights": _grid(weights, 8 if fmt == "int-quantized" else None),
+            "input_activations": None if inputs is None else _grid(inputs),
+            "output_activations": None, "format": fmt}
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": _grid(weights, 8 if fmt == "int-quantized"
-                                                                              else None),
-                                      "input_activations": inputs, "output_activations": None, "format": fmt}},
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
         "sparsity_config": {},
