@@ -18,6 +18,8 @@ quantized set (their weights keep their quantized values, their inputs are no lo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -88,7 +90,7 @@ def float_module(m: nn.Module) -> nn.Module:
     patch = getattr(m, "patch", None)
     if patch is not None:
         conv = nn.Conv3d if len(patch.kernel) == 3 else nn.Conv2d
-        module = conv(weight.shape[1] // _prod(patch.kernel), out_features, patch.kernel, stride=patch.kernel,
+        module = conv(weight.shape[1] // math.prod(patch.kernel), out_features, patch.kernel, stride=patch.kernel,
                       bias=bias is not None)
         module.weight.copy_(weight.reshape(module.weight.shape))
     else:
@@ -98,13 +100,6 @@ def float_module(m: nn.Module) -> nn.Module:
         module.bias.copy_(bias.detach())
     module.requires_grad_(False)
     return module.to(weight.device)
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _unrotate_vision(vlm: VLM) -> list[str]:
