@@ -9,24 +9,15 @@ Prints a table and writes JSON. Median of repeated runs in one process; not a ti
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from mquant.bench.latency import median_ms
 from mquant.eval.report import machine_description, utc_now
 from mquant.fileio import write_json_atomic
 from mquant.transforms.hadamard import FastHadamard, dense_hadamard, hadamard_spec
 
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+CPU = torch.device("cpu")
 
 
 def bench_width(n: int, tokens: int, repeats: int) -> dict:
@@ -37,8 +28,8 @@ def bench_width(n: int, tokens: int, repeats: int) -> dict:
     padded = torch.nn.functional.pad(x, (0, spec.order - n))
     with torch.no_grad():
         error = (fast(x) - padded @ dense).abs().max().item()
-        fast_ms = median_ms(lambda: fast(x), repeats)
-        dense_ms = median_ms(lambda: padded @ dense, max(3, repeats // 4))
+        fast_ms = median_ms(lambda: fast(x), repeats, CPU, warmup=1)
+        dense_ms = median_ms(lambda: padded @ dense, max(3, repeats // 4), CPU, warmup=1)
     return {"n": n, "order": spec.order, "k": spec.k, "construction": spec.construction, "tokens": tokens,
             "fast_ms": round(fast_ms, 3), "dense_ms": round(dense_ms, 3), "speedup": round(dense_ms / fast_ms, 1),
             "max_abs_error": error}

@@ -250,19 +250,16 @@ def load_export(out: str | os.PathLike) -> VLM:
     except ImportError:
         raise MquantError("loading a compressed-tensors export needs the compressed-tensors package "
                           "(pip install compressed-tensors)") from None
-    from transformers import AutoTokenizer
+    from mquant.models.vlm import load_pretrained
 
-    from mquant.models.registry import family_for_architectures
-    from mquant.models.vlm import read_config
-
-    family = family_for_architectures(read_config(out).get("architectures"))
-    model = family.model_class.from_pretrained(out, use_safetensors=True).eval()
+    vlm = load_pretrained(out)
     # compressed-tensors decompresses on the first forward of the whole model, but `generate` of a
     # multimodal model calls the vision encoder before that: decompress now.
+    model = vlm.model
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
     if getattr(model, "ct_decompress_hook", None) is not None and compressor is not None:
         compressor.decompress_model(model)
-    return VLM(model, AutoTokenizer.from_pretrained(out), family.images.load_processor(str(out)), family, str(out))
+    return vlm
 
 
 def export_accuracy(checkpoint: str | os.PathLike, out: str | os.PathLike, scheme: str, limit: int) -> dict:

@@ -80,10 +80,8 @@ def float_module(m: nn.Module) -> nn.Module:
         weight, bias = m.weight.detach().double(), m.bias
     else:
         weight, bias = m.dequantized_weight().double(), m.bias
-        if m.channel0 == "fp":
-            weight = torch.cat([m.channel0_weight.double()[:, None], weight], dim=1)
-        elif m.channel0 == "int8":
-            weight = torch.cat([(m.channel0_codes.double() * m.channel0_scale.double())[:, None], weight], dim=1)
+        if m.channel0 is not None:
+            weight = torch.cat([m.channel0_column().double()[:, None], weight], dim=1)
     if getattr(m, "input_transform", None) is not None:
         weight = unfused_weight(weight, m.input_transform.spec)
     out_features = weight.shape[0]

@@ -43,23 +43,22 @@ class ModalityState:
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """The visual mask for the rows of `x` ([..., d]), as a [..., 1] bool tensor."""
-        if self.visual is None:
-            raise MquantError("per-modality activation scales need the token modality: run the model with input_ids")
         lead = x.shape[:-1]
-        if self.visual.numel() != lead.numel():
-            raise MquantError(f"modality mask of shape {tuple(self.visual.shape)} does not cover rows {tuple(lead)}")
+        self._check_covers(lead.numel())
         return self.visual.to(x.device).reshape(*lead, 1)
 
+    def _check_covers(self, rows: int) -> None:
+        if self._visual is None:
+            raise MquantError("per-modality activation scales need the token modality: run the model with input_ids")
+        if self._visual.numel() != rows:
+            raise MquantError(f"modality mask of shape {tuple(self._visual.shape)} does not cover {rows} rows")
 
     def row_layout(self, rows: int) -> tuple:
         """How the integer runtime lays the two scales over `rows` flattened rows (computed once per
         forward): ("text",) when no row is visual, ("block", start, stop) when AIFS made the visual
         rows one contiguous block, otherwise ("rows", [rows, 1] bool mask)."""
         if self._layout is None or self._layout[0] != rows:
-            if self._visual is None:
-                raise MquantError("per-modality activation scales need the token modality: run the model with input_ids")
-            if self._visual.numel() != rows:
-                raise MquantError(f"modality mask of shape {tuple(self._visual.shape)} does not cover {rows} rows")
+            self._check_covers(rows)
             if self.visual_span is not None:
                 layout = ("block", *self.visual_span)
             elif not bool(self._visual.any()):

@@ -24,46 +24,33 @@ import warnings
 
 import torch
 
-INT8_MIN, INT8_MAX = -128, 127
+from mquant.numerics.grid import MIN_SCALE
 
 
 # -- activation quantizers (pure functions; compiled on first use) -------------------------------
-def _round_clamp(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    return torch.clamp(torch.round(x.float() / scale), qmin, qmax).to(torch.int8)
-
-
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    return _round_clamp(x, scale, qmin, qmax)
+    """Codes on a static grid: `scale` is one number, or one per row ([rows, 1]: the MSQ row lookup
+    without AIFS)."""
+    return torch.clamp(torch.round(x.float() / scale), qmin, qmax).to(torch.int8)
 
 
 def quantize_two_blocks(x: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, start: int, stop: int,
                         qmin: int, qmax: int) -> torch.Tensor:
     """Rows [start, stop) on scale `inner`, every other row on `outer`: a compare, not a gather."""
     row = torch.arange(x.shape[0], device=x.device)[:, None]
-    scale = torch.where((row >= start) & (row < stop), inner, outer)
-    return _round_clamp(x, scale, qmin, qmax)
-
-
-def quantize_rows(x: torch.Tensor, row_scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Each row on its own scale ([rows, 1]): the MSQ row lookup without AIFS."""
-    return _round_clamp(x, row_scale, qmin, qmax)
+    return quantize_static(x, torch.where((row >= start) & (row < stop), inner, outer), qmin, qmax)
 
 
 def quantize_dynamic(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric: each row's absmax / qmax, as the fake-quant reference computes it."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-8)
-    return _round_clamp(x, scale, -qmax - 1, qmax), scale
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_SCALE)
+    return quantize_static(x, scale, -qmax - 1, qmax), scale
 
 
-def scale_rows(y: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Epilogue of the row-scaled paths: y · row_scale (+ bias) in `dtype`."""
-    out = y.float() * row_scale
-    return (out if bias is None else out + bias).to(dtype)
-
-
-def int_mm_epilogue(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """int32 accumulator · (x_scale · w_scale) (+ bias) in `dtype`."""
-    out = acc.float() * scale
+def scale_output(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The epilogue outside the kernel: y · scale (+ bias) in `dtype` — an int32 accumulator times
+    x_scale · w_scale, or a product times its row scales."""
+    out = y.float() * scale
     return (out if bias is None else out + bias).to(dtype)
 
 
@@ -160,7 +147,7 @@ class Int8Gemm:
 
     def rows(self, q: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Row scales cannot enter the kernel (its source scale is one number): a pass over the output."""
-        return compiled(scale_rows)(self._product(q, 1.0, None, dtype), row_scale, self.bias, dtype)
+        return compiled(scale_output)(self._product(q, 1.0, None, dtype), row_scale, self.bias, dtype)
 
     # -- kernels ----------------------------------------------------------------------------------
     def _product(self, q, x_scale, bias, dtype):
@@ -174,7 +161,7 @@ class Int8Gemm:
         if q.device.type == "cuda":
             q = torch.nn.functional.pad(q, (0, self._pad_in, 0, max(0, 17 - rows)))
         acc = torch._int_mm(q, self.codes_kn)[:rows, :self.out_features]
-        return compiled(int_mm_epilogue)(acc, self.w_scale.reshape(1, -1) * x_scale, bias, dtype)
+        return compiled(scale_output)(acc, self.w_scale.reshape(1, -1) * x_scale, bias, dtype)
 
     def _choose(self, q: torch.Tensor, dtype: torch.dtype) -> str:
         bucket = 1 << max(q.shape[0] - 1, 0).bit_length()  # rows rounded up to a power of two

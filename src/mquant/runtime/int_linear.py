@@ -24,10 +24,8 @@ from torch import nn
 from mquant.errors import MquantError
 from mquant.runtime import int8_ops
 from mquant.runtime.int8_ops import compiled
-from mquant.runtime.qlinear import QuantLinear
-
-PATHS = ("auto", "static", "dynamic")
-
+from mquant.numerics.grid import fake_quantize
+from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
 
 class _SharedInputQuant:
     """The last quantized input, reused by the next layer that reads the same tensor with the same
@@ -85,12 +83,10 @@ class IntLinear(nn.Module):
                 # cast of the model does not round them.
                 self.text_scale_t = torch.tensor(self.text_scale, device=device)
                 self.visual_scale_t = torch.tensor(self.visual_scale, device=device)
-        if ref.channel0 == "fp":
-            self.register_buffer("channel0_weight", ref.channel0_weight.to(dtype), persistent=False)
-        elif ref.channel0 == "int8":
+        if ref.channel0 is not None:
+            self.register_buffer("channel0_weight", ref.channel0_column().to(dtype), persistent=False)
+        if ref.channel0 == "int8":
             self.channel0_input_scale = ref.channel0_input_scale.clone()
-            self.register_buffer("channel0_weight", (ref.channel0_codes.float() * ref.channel0_scale).to(dtype),
-                                 persistent=False)
         if self.input_transform is not None:
             self.input_transform = self.input_transform.to(dtype)
 
@@ -127,8 +123,7 @@ class IntLinear(nn.Module):
     def channel0_branch(self, x0: torch.Tensor) -> torch.Tensor:
         """The RMS rank-1 branch; an int8 channel 0 is quantized on its own static grid."""
         if self.channel0 == "int8":
-            s = self.channel0_input_scale
-            x0 = (torch.clamp(torch.round(x0.float() / s), -128, 127) * s).to(self.dtype)
+            x0 = fake_quantize(x0, self.channel0_input_scale, None, CHANNEL0_INT8)
         return x0 * self.channel0_weight
 
     def product(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,10 +148,13 @@ class IntLinear(nn.Module):
         if how[0] == "dynamic":
             q, row_scale = self._quantized(source, x2, how, lambda: compiled(int8_ops.quantize_dynamic)(x2, self.qmax))
         else:  # a per-row lookup of the two modality scales
-            row_scale = torch.where(how[1], self.visual_scale, self.text_scale)
-            q = self._quantized(source, x2, ("rows", self.visual_scale, self.text_scale), lambda: compiled(
-                int8_ops.quantize_rows)(x2, row_scale, self.qmin, self.qmax))
+            q, row_scale = self._quantized(source, x2, ("rows", self.visual_scale, self.text_scale),
+                                           lambda: self._quantize_rows(x2, how[1]))
         return self.gemm.rows(q, row_scale, self.dtype)
+
+    def _quantize_rows(self, x2: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        row_scale = torch.where(visual, self.visual_scale_t, self.text_scale_t)
+        return compiled(int8_ops.quantize_static)(x2, row_scale, self.qmin, self.qmax), row_scale
 
     def layout(self, rows: int) -> tuple:
         """("scalar", s) | ("block", start, stop) | ("rows", mask) | ("dynamic",) for this call."""

@@ -204,13 +204,17 @@ class QuantLinear(nn.Module):
                 zero_point = torch.where(visual, self.input_zero_point_visual, zero_point)
         return fake_quantize(x, scale, zero_point, args)
 
+    def channel0_column(self) -> torch.Tensor:
+        """W'_{:,0}, the split-off weight column, as the branch multiplies it ([out], float)."""
+        if self.channel0 == "fp":
+            return self.channel0_weight
+        return self.channel0_codes.float() * self.channel0_scale
+
     def channel0_branch(self, x0: torch.Tensor) -> torch.Tensor:
         """The rank-1 RMS branch: x'_0 · W'_{:,0} ([..., 1] -> [..., out])."""
-        if self.channel0 == "fp":
-            return x0 * self.channel0_weight
-        if self.act_quant_enabled:
+        if self.channel0 == "int8" and self.act_quant_enabled:
             x0 = fake_quantize(x0, self.channel0_input_scale, None, CHANNEL0_INT8)
-        return x0 * (self.channel0_codes.float() * self.channel0_scale)
+        return x0 * self.channel0_column()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
