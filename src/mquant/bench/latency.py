@@ -204,6 +204,10 @@ class Runner:
         kinds = (nn.Linear, IntLinear)
         return [m for m in self.lm.layers.modules() if isinstance(m, kinds)]
 
+    def int_linears(self) -> list[nn.Module]:
+        """The decoder stack's linears that run an integer product."""
+        return [m for m in self.lm_linears() if getattr(m, "gemm", None) is not None]
+
     def transforms(self) -> list[nn.Module]:
         return [m.input_transform for m in self.lm_linears() if getattr(m, "input_transform", None) is not None]
 
@@ -238,9 +242,7 @@ def gemm_in_model_ms(runner: Runner, repeats: int, device: torch.device) -> floa
     """The decoder stack's linears with their activation quantization taken out: each layer replays
     the int8 input it quantized in a first prefill, so the GEMMs run in the model's own sequence
     (same caches, same neighbours) — the lower bound the act-quant overhead is measured against."""
-    from mquant.runtime.int_linear import IntLinear
-
-    layers = [m for m in runner.lm_linears() if isinstance(m, IntLinear) and m.gemm is not None]
+    layers = runner.int_linears()
     for m in layers:
         m.record = True
     runner.prefill()
@@ -255,9 +257,7 @@ def gemm_in_model_ms(runner: Runner, repeats: int, device: torch.device) -> floa
 
 def gemm_isolated_ms(runner: Runner, repeats: int, device: torch.device) -> float:
     """The decoder stack's integer GEMMs alone, back to back, on int8 inputs of the prefill's shapes."""
-    from mquant.runtime.int_linear import IntLinear
-
-    layers = [m for m in runner.lm_linears() if isinstance(m, IntLinear) and m.gemm is not None]
+    layers = runner.int_linears()
     rows = runner.embeds.shape[1]
     g = torch.Generator().manual_seed(1)
     codes = [torch.randint(-127, 128, (rows, m.gemm.in_features), generator=g, dtype=torch.int8).to(device)

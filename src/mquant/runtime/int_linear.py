@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mquant.errors import MquantError
+from mquant.numerics.grid import fake_quantize
 from mquant.runtime import int8_ops
 from mquant.runtime.int8_ops import compiled
-from mquant.numerics.grid import fake_quantize
 from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
+
 
 class _SharedInputQuant:
     """The last quantized input, reused by the next layer that reads the same tensor with the same
