@@ -56,6 +56,22 @@ def test_every_image_has_cell_labels_and_a_caption(task):
         assert companion.text.count("<image>") == len(sample.images)
 
 
+def test_choice_and_yes_no_are_trained_on_answers_their_parsers_read():
+    from mquant.eval.metrics import parse_option_letter, parse_yes_no
+
+    for sample in benchmark.generate("choice", "train", 20):
+        trained = benchmark.training_form(sample)
+        option = sample.meta["options"][benchmark.LETTERS.index(sample.answers[0])]
+        assert trained.answers[0].startswith(f"it is {option}, ")
+        assert parse_option_letter(trained.answers[0]) == sample.answers[0]  # the benchmark's parser
+        assert (trained.text, trained.images) == (sample.text, sample.images)
+    for sample in benchmark.generate("yesno", "train", 20):
+        trained = benchmark.training_form(sample).answers[0]
+        assert parse_yes_no(trained) == sample.answers[0] and trained.startswith(sample.answers[0] + ", ")
+    other = benchmark.generate("digits", "train", 1)[0]
+    assert benchmark.training_form(other) is other
+
+
 def test_cell_labels_name_what_the_cell_shows():
     for s in benchmark.generate("digits", "train", 5):
         assert [s.meta["cells"][0][k] for k in (5, 6, 9, 10)] == [[s.answers[0]]] * 4

@@ -70,5 +70,5 @@ def test_subword_tokenizer_round_trips_and_keeps_digits_single():
     text = "The red circle, 90210 and an unseen word: xylophone!\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
-    assert len(tok("circle", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok(" circle", add_special_tokens=False)["input_ids"]) == 1  # a word with its space
     assert len(tok("90210", add_special_tokens=False)["input_ids"]) == 5

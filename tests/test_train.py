@@ -23,8 +23,35 @@ def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
     targets = probe.targets(samples, config.text_config.vocab_size)
     assert targets.shape[0] == captured[0].shape[0] == 16 * sum(len(s.images) for s in samples)
     assert torch.allclose(targets.sum(-1), torch.ones(targets.shape[0]))
-    empty = tokenizer("empty", add_special_tokens=False)["input_ids"]
+    empty = probe.label_ids("empty")
+    assert len(empty) == 2  # "empty" and " empty"
     assert (targets[:, empty].sum(-1) == 1).float().mean() > 0.3  # most cells of a scene are empty
+
+
+def test_training_fast_paths_compute_the_same_function():
+    config, tokenizer, processor = build_components()
+    model = FAMILY.model_class(config).eval()
+    batch = VLM(model, tokenizer, processor, FAMILY, "embedded").encode(
+        next(train.training_batches(seed=1, batch_size=12)), with_answer=True)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        with train.training_fast_paths(model):
+            fast = model(**batch).logits
+    assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)
+    assert all("forward" not in vars(block.attn) for block in model.model.visual.blocks)  # restored
+    assert "forward" not in vars(model.model.visual.patch_embed)
+
+
+def test_mrope_sections_let_the_language_model_tell_rows_and_columns_apart():
+    """Rows and columns must each turn some rotary pair by a clearly visible angle per step, and a
+    good share of pairs must stay almost still over a prompt for content-based attention."""
+    from mquant.zoo.architecture import MROPE_SECTION
+
+    config, _, _ = build_components()
+    inv_freq = FAMILY.model_class(config).model.language_model.rotary_emb.inv_freq
+    t, h, _ = MROPE_SECTION
+    assert inv_freq[t : t + h].max() > 0.3 and inv_freq[t + h :].max() > 0.3
+    assert (inv_freq < 0.06).sum() >= 8
 
 
 def _train_tiny_run(out, monkeypatch):

@@ -13,7 +13,7 @@ _BUILTIN = {
     "textread": ("vqa_accuracy", 10, "read a word or number, sometimes over a photo"),
     "docfields": ("anls", 10, "read a named field of a rendered form"),
     "yesno": ("mme", 4, "yes/no questions in pairs about shapes (acc, acc+)"),
-    "choice": ("option_accuracy", 4, "multiple choice with lettered options"),
+    "choice": ("option_accuracy", 12, "multiple choice with lettered options"),
     "compare": ("exact_match", 6, "two interleaved images: which has more circles"),
 }
 

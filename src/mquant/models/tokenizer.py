@@ -28,20 +28,23 @@ def build_tokenizer(family: ModelFamily) -> PreTrainedTokenizerFast:
     return _wrap(tok, family)
 
 
-def build_subword_tokenizer(family: ModelFamily, corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """BPE over whitespace-, punctuation- and digit-separated pieces, trained on `corpus`.
+# Pieces BPE merges within, as in Qwen2's tokenizer: a word with its leading space, a single digit,
+# a punctuation mark with its leading space, any other whitespace character on its own.
+PIECES = r" ?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]|\s"
 
-    Every printable character is in the initial alphabet, so any ASCII text still encodes; spaces
-    and newlines are tokens of their own, so decoding is plain concatenation. Training is
-    deterministic for the same corpus.
+
+def build_subword_tokenizer(family: ModelFamily, corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """BPE over `PIECES`, trained on `corpus`.
+
+    A word and the space before it become one token (" red"), as in real VLM tokenizers, so prompts
+    are shorter than with spaces as tokens of their own. Digits always stay
+    single characters (as in Qwen2's tokenizer), so numbers are read digit by digit. Every printable
+    character is in the initial alphabet, so any ASCII text still encodes, and tokens are literal
+    text, so decoding is plain concatenation. Training is deterministic for the same corpus.
     """
     special = list(family.special_tokens)
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECES), behavior="isolated")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=CHARACTERS,
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)

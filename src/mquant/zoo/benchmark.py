@@ -192,22 +192,29 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
         o = rng.choice(objects)
         c, s = _absent(rng, objects)
         yes, no = f"Is there a {o['color']} {o['shape']}?", f"Is there a {c} {s}?"
+        why_yes, why_no = _where(o), f"there is no {c} {s}"
     elif kind == "count":
         n = len(objects)
         wrong = rng.choice([k for k in range(1, 6) if k != n])
         yes, no = f"Are there exactly {n} shapes?", f"Are there exactly {wrong} shapes?"
+        why_yes = why_no = f"there are {n} shapes"
     else:
         a, b = sorted(rng.sample(objects, 2), key=lambda o: o["x"])
         if _column(a) == _column(b):  # decided inside one visual-token cell: draw another scene
             return gen_yesno(rng, split, i)
         da, db = f"the {a['color']} {a['shape']}", f"the {b['color']} {b['shape']}"
         yes, no = f"Is {da} left of {db}?", f"Is {db} left of {da}?"
+        why_yes, why_no = f"{_where(a)} and {_where(b)}", f"{_where(b)} and {_where(a)}"
     suffix = " Answer yes or no."
     meta = {"image": i, "caption": scene_caption(objects), "cells": [scene_cells(objects)]}
     return [
-        Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"], meta),
-        Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"], meta),
+        Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"], {**meta, "reason": why_yes}),
+        Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"], {**meta, "reason": why_no}),
     ]
+
+
+def _where(o: dict) -> str:
+    return f"the {o['color']} {o['shape']} is at {_row(o)} {_column(o)}"
 
 
 def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
@@ -296,6 +303,25 @@ def generate(task: str, split: str, n: int, seed: int = 0) -> list[Sample]:
 def draw(task: str, split: str, i: int, seed: int = 0) -> list[Sample]:
     """Item `i` of a task's split (two samples for yes/no pairs, otherwise one)."""
     return GENERATORS[task](random.Random(f"{task}/{split}/{seed}/{i}"), split, i)
+
+
+def training_form(sample: Sample) -> Sample:
+    """`sample` as the embedded model is trained on it; the benchmark's parsers read the same answer.
+
+    A multiple-choice answer first says the chosen option's text, then its letter ("it is red
+    circle, the answer is A", which the option parser reads as A), so that the dense tokens before
+    the letter train the lookup the question needs. A yes/no answer goes on after its first word
+    with where the named objects are ("no, the red circle is at 1 3 and ..."; the parser reads only
+    the first word), for the same reason. Every other sample is trained on its benchmark answer.
+    """
+    if sample.id.startswith("yesno:"):
+        return Sample(sample.id, sample.images, sample.text, [f"{sample.answers[0]}, {sample.meta['reason']}"],
+                      sample.meta)
+    if not sample.id.startswith("choice:"):
+        return sample
+    letter = sample.answers[0]
+    option = sample.meta["options"][LETTERS.index(letter)]
+    return Sample(sample.id, sample.images, sample.text, [f"it is {option}, the answer is {letter}"], sample.meta)
 
 
 def caption_sample(sample: Sample) -> Sample:

@@ -16,15 +16,23 @@ Two training-only aids make a model this small learn in minutes what the answer 
 - "describe the image" companions (`benchmark.caption_sample`) for half of the items, so the
   language model practises reading every cell out in order.
 
+Multiple-choice and yes/no samples are trained on longer answers that their parsers read the same
+way (`benchmark.training_form`): the chosen option's text before its letter, and where the named
+objects are after yes or no. `python benchmarks/question_kinds.py` shows what that buys and what
+it does not: the committed model names the right option's text far more often than it then gives
+that option's letter.
+
 Training starts with `--vision-steps` steps of the cell loss alone (the language model is not run:
 a step costs a third of a full one), then trains everything. Training runs in fp32: on this CPU
-torch's bf16 matmuls for these shapes are about 30x slower.
+torch's bf16 matmuls for these shapes are about 30x slower. `--device cuda` trains on a GPU (not
+bit-identical to the CPU run that made the committed weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import time
 from pathlib import Path
@@ -33,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from mquant.fileio import atomic_directory, write_json_atomic
 from mquant.models.qwen2_vl import FAMILY
@@ -74,9 +83,14 @@ class CellProbe(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self._ids: dict[str, list[int]] = {}
 
-    def _label_ids(self, label: str) -> list[int]:
+    def label_ids(self, label: str) -> list[int]:
+        """The tokens of `label`, and of " " + `label` where that is one token: a word is one token
+        with its leading space inside a sentence (captions, options) and another without (first in
+        an answer), and the visual token should be near both."""
         if label not in self._ids:
-            self._ids[label] = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+            spaced = self.tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+            self._ids[label] = sorted(set(ids + spaced)) if len(spaced) == 1 else ids
         return self._ids[label]
 
     def targets(self, samples, vocab: int) -> torch.Tensor:
@@ -86,14 +100,14 @@ class CellProbe(nn.Module):
             for cells in sample.meta["cells"]:
                 for labels in cells:
                     row = torch.zeros(vocab)
-                    ids = sorted({i for label in labels for i in self._label_ids(label)})
+                    ids = sorted({i for label in labels for i in self.label_ids(label)})
                     row[ids] = 1.0 / len(ids)
                     rows.append(row)
         return torch.stack(rows)
 
     def loss(self, visual_tokens: torch.Tensor, embeddings: torch.Tensor, samples) -> torch.Tensor:
         """Cross-entropy of the merged visual tokens of `samples` (batch order) against their cells."""
-        targets = self.targets(samples, embeddings.shape[0])
+        targets = self.targets(samples, embeddings.shape[0]).to(embeddings.device)
         if visual_tokens.shape[0] != targets.shape[0]:
             raise RuntimeError(f"{visual_tokens.shape[0]} visual tokens for {targets.shape[0]} labelled cells")
         logits = self.log_scale.exp() * F.normalize(visual_tokens, dim=-1) @ F.normalize(embeddings, dim=-1).T
@@ -116,7 +130,7 @@ def training_batches(seed: int, batch_size: int, caption_every: int = 2):
         k = 0
         while len(batch) < batch_size:
             task = tasks[(step * batch_size + k) % len(tasks)]
-            item = benchmark.draw(task, "train", drawn[task], seed)
+            item = [benchmark.training_form(sample) for sample in benchmark.draw(task, "train", drawn[task], seed)]
             if caption_every and drawn[task] % caption_every == 0:
                 item.append(benchmark.caption_sample(item[0]))
             batch += item
@@ -141,6 +155,38 @@ def quick_eval(vlm: VLM, n: int = 48) -> dict[str, float]:
         scores[name] = task.aggregate(preds, samples)["score"]
     vlm.model.train()
     return scores
+
+
+def _batched_vision_attention(attn, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """Qwen2-VL's vision attention for images of equal patch counts as one batched SDPA call.
+
+    Transformers' non-flash path runs one attention call per image (about 70 per layer for a
+    training batch); every benchmark image has the same size, so one call does the same work with a
+    few kernels instead of hundreds (training only; ragged batches fall back to the original)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if len(set(lengths)) != 1:
+        return type(attn).forward(attn, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    seq, heads = hidden_states.shape[0], attn.num_heads
+    q, k, v = attn.qkv(hidden_states).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    q, k, v = (t.reshape(len(lengths), lengths[0], heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+    return attn.proj(out.transpose(1, 2).reshape(seq, -1))
+
+
+@contextlib.contextmanager
+def training_fast_paths(model):
+    """Training-time equivalents of two slow spots of Qwen2-VL's vision tower (the saved model is
+    untouched): the patch embedding as a matmul and vision attention batched over images."""
+    attns = [block.attn for block in model.model.visual.blocks]
+    with patch_embedding_as_linear(model):
+        for attn in attns:
+            attn.forward = functools.partial(_batched_vision_attention, attn)
+        try:
+            yield
+        finally:
+            for attn in attns:
+                del attn.forward
 
 
 @contextlib.contextmanager
@@ -194,7 +240,7 @@ def pretrain_vision(vlm: VLM, probe: CellProbe, captured: list, steps: int, batc
         images = [image for sample in samples for image in sample.images]
         inputs, _ = vlm.family.images.process(vlm.image_processor, images, model.config)
         captured.clear()
-        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        model.model.visual(inputs["pixel_values"].to(model.device), grid_thw=inputs["image_grid_thw"].to(model.device))
         loss = probe.loss(torch.cat(captured), embeddings, samples)
         optimizer_step(opt, sched, params, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -204,13 +250,14 @@ def pretrain_vision(vlm: VLM, probe: CellProbe, captured: list, steps: int, batc
 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int,
-          vision_steps: int = 0, vision_lr_scale: float = 1.0, cell_loss_weight: float = 1.0) -> dict:
+          vision_steps: int = 0, vision_lr_scale: float = 1.0, cell_loss_weight: float = 1.0,
+          device: str = "cpu") -> dict:
     torch.manual_seed(seed)
     config, tokenizer, processor = build_components()
-    model = FAMILY.model_class(config)
+    model = FAMILY.model_class(config).to(device)
     model.train()
     vlm = VLM(model, tokenizer, processor, FAMILY, str(out))
-    probe = CellProbe(tokenizer)
+    probe = CellProbe(tokenizer).to(device)
     captured: list[torch.Tensor] = []
     hook = model.model.visual.merger.register_forward_hook(lambda _m, _i, output: captured.append(output))
     groups: dict[tuple[bool, bool], list] = {}
@@ -224,12 +271,12 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
                             + [{"params": list(probe.parameters()), "lr": lr, "weight_decay": 0.0}], betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
     stream = training_batches(seed, batch_size)
-    log = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
+    log = {"seed": seed, "device": str(device), "steps": steps, "batch_size": batch_size, "lr": lr,
            "vision_lr_scale": vision_lr_scale, "cell_loss_weight": cell_loss_weight, "vision_steps": vision_steps,
            "loss": [], "eval": []}
     start = time.perf_counter()
     # fp32 on purpose: on this CPU torch's bf16 matmuls for these shapes are ~30x slower than fp32.
-    with patch_embedding_as_linear(model):
+    with training_fast_paths(model):
         if vision_steps:
             log["vision_loss"] = pretrain_vision(vlm, probe, captured, vision_steps, batch_size,
                                                  lr * vision_lr_scale, seed)
@@ -255,6 +302,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     log["eval"].append([steps, quick_eval(vlm)])
     log["train_seconds"] = round(time.perf_counter() - start, 1)
     tqdm.write(f"final (calib split): {log['eval'][-1][1]}")
+    model.to("cpu")
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -267,12 +315,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mquant.zoo.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--vision-steps", type=int, default=800, help="vision-only cell-loss steps first (default 800)")
-    p.add_argument("--steps", type=int, default=3600, help="joint steps after them (default 3600)")
+    p.add_argument("--steps", type=int, default=4400, help="joint steps after them (default 4400)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--vision-lr-scale", type=float, default=2.0, help="vision tower LR / language LR (default 2)")
     p.add_argument("--cell-loss-weight", type=float, default=1.0, help="weight of the cell loss (default 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="torch device (default cpu; the committed weights come from a CPU run)")
     p.add_argument("--eval-every", type=int, default=750, help="calib-split check every N steps (0: only at the end)")
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -280,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.vision_steps,
-          args.vision_lr_scale, args.cell_loss_weight)
+          args.vision_lr_scale, args.cell_loss_weight, args.device)
 
 
 if __name__ == "__main__":
