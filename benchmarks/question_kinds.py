@@ -27,7 +27,7 @@ KINDS = {"yesno": (("exists", "Is there"), ("count", "exactly"), ("left/right", 
 def kind(task: str, sample) -> str:
     if task == "textread":
         text = sample.answers[0]
-        return "word" if text.isalpha() else f"number, {len(text)} digits" if len(text) == 5 else "number, 2-4 digits"
+        return "word" if text.isalpha() else "number, 5 digits" if len(text) == 5 else "number, 2-4 digits"
     return next(name for name, words in KINDS[task] if words in sample.text)
 
 

@@ -37,10 +37,10 @@ def build_subword_tokenizer(family: ModelFamily, corpus: Iterable[str], vocab_si
     """BPE over `PIECES`, trained on `corpus`.
 
     A word and the space before it become one token (" red"), as in real VLM tokenizers, so prompts
-    are shorter than with spaces as tokens of their own. Digits always stay
-    single characters (as in Qwen2's tokenizer), so numbers are read digit by digit. Every printable
-    character is in the initial alphabet, so any ASCII text still encodes, and tokens are literal
-    text, so decoding is plain concatenation. Training is deterministic for the same corpus.
+    are shorter than with spaces as tokens of their own. Digits always stay single characters (as in
+    Qwen2's tokenizer), so numbers are read digit by digit. Every printable character is in the
+    initial alphabet, so any ASCII text still encodes, and tokens are literal text, so decoding is
+    plain concatenation. Training is deterministic for the same corpus.
     """
     special = list(family.special_tokens)
     tok = Tokenizer(models.BPE(unk_token=None))

@@ -17,6 +17,7 @@ of the real images); `tests/test_benchmark.py` checks the disjointness by conten
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from typing import Callable
@@ -208,8 +209,10 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
     suffix = " Answer yes or no."
     meta = {"image": i, "caption": scene_caption(objects), "cells": [scene_cells(objects)]}
     return [
-        Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"], {**meta, "reason": why_yes}),
-        Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"], {**meta, "reason": why_no}),
+        Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"],
+               {**meta, "training_answer": f"yes, {why_yes}"}),
+        Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"],
+               {**meta, "training_answer": f"no, {why_no}"}),
     ]
 
 
@@ -252,8 +255,8 @@ def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
     lines = "\n".join(f"{LETTERS[k]}. {opt}" for k, opt in enumerate(options))
     text = f"{IMAGE_MARKER}\n{question}\n{lines}\nAnswer with the option's letter."
     return [Sample(f"choice:{split}:{i}", [canvas], text, [letter],
-                   {"options": options, "caption": scene_caption(objects),
-                    "cells": [scene_cells(objects)]})]
+                   {"options": options, "caption": scene_caption(objects), "cells": [scene_cells(objects)],
+                    "training_answer": f"it is {correct}, the answer is {letter}"})]
 
 
 def gen_compare(rng: random.Random, split: str, i: int) -> list[Sample]:
@@ -308,20 +311,15 @@ def draw(task: str, split: str, i: int, seed: int = 0) -> list[Sample]:
 def training_form(sample: Sample) -> Sample:
     """`sample` as the embedded model is trained on it; the benchmark's parsers read the same answer.
 
-    A multiple-choice answer first says the chosen option's text, then its letter ("it is red
-    circle, the answer is A", which the option parser reads as A), so that the dense tokens before
-    the letter train the lookup the question needs. A yes/no answer goes on after its first word
-    with where the named objects are ("no, the red circle is at 1 3 and ..."; the parser reads only
-    the first word), for the same reason. Every other sample is trained on its benchmark answer.
+    Generators that want a longer training answer put it in `meta["training_answer"]`. A
+    multiple-choice answer first says the chosen option's text, then its letter ("it is red circle,
+    the answer is A", which the option parser reads as A), so that the dense tokens before the
+    letter train the lookup the question needs. A yes/no answer goes on after its first word with
+    where the named objects are ("no, the red circle is at 1 3 and ..."; the parser reads only the
+    first word), for the same reason. Every other sample is trained on its benchmark answer.
     """
-    if sample.id.startswith("yesno:"):
-        return Sample(sample.id, sample.images, sample.text, [f"{sample.answers[0]}, {sample.meta['reason']}"],
-                      sample.meta)
-    if not sample.id.startswith("choice:"):
-        return sample
-    letter = sample.answers[0]
-    option = sample.meta["options"][LETTERS.index(letter)]
-    return Sample(sample.id, sample.images, sample.text, [f"it is {option}, the answer is {letter}"], sample.meta)
+    answer = sample.meta.get("training_answer")
+    return sample if answer is None else dataclasses.replace(sample, answers=[answer])
 
 
 def caption_sample(sample: Sample) -> Sample:
