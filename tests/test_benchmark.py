@@ -72,6 +72,21 @@ def test_choice_and_yes_no_are_trained_on_answers_their_parsers_read():
     assert benchmark.training_form(other) is other
 
 
+def test_lookup_drills_name_the_right_option_without_an_image():
+    from mquant.eval.metrics import parse_option_letter
+
+    for sample in benchmark.generate("choice", "train", 20):
+        first, shuffled = benchmark.lookup_drills(sample, 2)
+        option = sample.meta["options"][benchmark.LETTERS.index(sample.answers[0])]
+        assert sample.text.endswith(first.text.split("\n", 1)[1])  # the sample's option lines, in order
+        assert first.answers == [f"it is {option}, the answer is {sample.answers[0]}"]
+        for drill in (first, shuffled):
+            assert drill.images == [] and drill.text.startswith(f"Which option is {option}?\n")
+            letter = parse_option_letter(drill.answers[0])
+            assert f"\n{letter}. {option}\n" in drill.text
+    assert benchmark.lookup_drills(benchmark.generate("yesno", "train", 1)[0]) == []
+
+
 def test_cell_labels_name_what_the_cell_shows():
     for s in benchmark.generate("digits", "train", 5):
         assert [s.meta["cells"][0][k] for k in (5, 6, 9, 10)] == [[s.answers[0]]] * 4

@@ -331,6 +331,33 @@ def caption_sample(sample: Sample) -> Sample:
                   {"cells": sample.meta["cells"]})
 
 
+def lookup_drills(sample: Sample, n: int = 1) -> list[Sample]:
+    """Training-only, text-only companions of a multiple-choice `sample` (none for other samples):
+    its options, the first time in its order and then shuffled, under a question that names the right
+    option ("Which option is yellow?"), so the answer trains only the lookup from an option's text to
+    its letter, with no image whose visual tokens also sit near the option's words.
+
+    Why: teacher-forced on "it is <right option>, the answer is", the model trained without drills
+    gave the right letter for 84 % of digit options but ~25 % (chance) of colour and shape options,
+    with a blank image as well as with the real one: the word lookup had not been learned at all,
+    while the digit lookup, whose tokens no image cell is labelled with, had."""
+    options = sample.meta.get("options")
+    if not options:
+        return []
+    correct = options[LETTERS.index(sample.answers[0])]
+    drills = []
+    for k in range(n):
+        order = list(options)
+        if k:
+            random.Random(f"{sample.id}/lookup/{k}").shuffle(order)
+        letter = LETTERS[order.index(correct)]
+        lines = "\n".join(f"{LETTERS[j]}. {opt}" for j, opt in enumerate(order))
+        drills.append(Sample(f"{sample.id}:lookup:{k}", [], f"Which option is {correct}?\n{lines}\n"
+                             "Answer with the option's letter.", [f"it is {correct}, the answer is {letter}"],
+                             {"cells": []}))
+    return drills
+
+
 def mixed(split: str, n: int, seed: int = 0) -> list[Sample]:
     """`n` samples cycling over the tasks (for calibration)."""
     per_task = -(-n // len(GENERATORS))

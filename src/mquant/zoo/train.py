@@ -5,7 +5,7 @@ Answers are produced by generation, so the main loss is next-token cross-entropy
 tokens (plus the end-of-turn token) of a chat-formatted prompt, averaged per sample. Progress is
 monitored on the `calib` split; the `test` split is never touched here.
 
-Two training-only aids make a model this small learn in minutes what the answer loss alone did not
+Training-only aids make a model this small learn in minutes what the answer loss alone did not
 (measured: with the answer loss and a digits-first curriculum, calib scores after 1,800 steps were
 0 % on textread and 9 % on docfields, the language model guessing answer priors):
 
@@ -14,7 +14,10 @@ Two training-only aids make a model this small learn in minutes what the answer 
   written there, the colour and shape drawn there, or `empty`); with tied input/output embeddings
   the language model then only has to learn where to look and to copy;
 - "describe the image" companions (`benchmark.caption_sample`) for half of the items, so the
-  language model practises reading every cell out in order.
+  language model practises reading every cell out in order;
+- text-only "which option is <text>?" companions of every multiple-choice item
+  (`benchmark.lookup_drills`), which train the lookup from an option's text to its letter apart
+  from seeing.
 
 Multiple-choice and yes/no samples are trained on longer answers that their parsers read the same
 way (`benchmark.training_form`): the chosen option's text before its letter, and where the named
@@ -100,10 +103,22 @@ class CellProbe(nn.Module):
             for cells in sample.meta["cells"]:
                 for labels in cells:
                     row = torch.zeros(vocab)
-                    ids = sorted({i for label in labels for i in self.label_ids(label)})
-                    row[ids] = 1.0 / len(ids)
+                    for label, weight in zip(labels, self.label_weights(labels)):
+                        ids = self.label_ids(label)
+                        row[ids] += weight / len(ids)
                     rows.append(row)
         return torch.stack(rows)
+
+    @staticmethod
+    def label_weights(labels: list[str]) -> list[float]:
+        """How much of a cell's target each label gets: equal shares, except for the characters of a
+        number or code, which halve from left to right, so that the visual token says in which order
+        they are written (with equal shares it holds them as a set, and the model read 13758 as 13785)."""
+        if len(labels) > 1 and all(len(label) == 1 for label in labels):
+            weights = [0.5 ** k for k in range(len(labels))]
+        else:
+            weights = [1.0] * len(labels)
+        return [w / sum(weights) for w in weights]
 
     def loss(self, visual_tokens: torch.Tensor, embeddings: torch.Tensor, samples) -> torch.Tensor:
         """Cross-entropy of the merged visual tokens of `samples` (batch order) against their cells."""
@@ -117,26 +132,34 @@ class CellProbe(nn.Module):
 # The two tasks that need the most reasoning in the language model (find the asked field's row, then
 # read its value; match an option against the scene) are drawn twice as often as the others.
 TASK_WEIGHTS = {"docfields": 2, "choice": 2}
+# Text-only option-lookup drills per multiple-choice item (`benchmark.lookup_drills`).
+DRILLS_PER_CHOICE = 1
 
 
-def training_batches(seed: int, batch_size: int, caption_every: int = 2):
-    """Batches mixing every task by `TASK_WEIGHTS` (yes/no items contribute both questions of a pair);
-    every `caption_every`-th item of a task also contributes its "describe the image" companion."""
+def training_batches(seed: int, batch_size: int, caption_every: int = 2, drills: int = DRILLS_PER_CHOICE):
+    """Batches of `batch_size` samples mixing every task by `TASK_WEIGHTS` (yes/no items contribute
+    both questions of a pair); every `caption_every`-th item of a task also contributes its "describe
+    the image" companion. Every multiple-choice item adds `drills` text-only lookup drills on top of
+    `batch_size` (short prompts without an image, so they cost little; taking them out of the 32
+    slowed the reading tasks down)."""
     tasks = [t for t in benchmark.GENERATORS for _ in range(TASK_WEIGHTS.get(t, 1))]
     drawn = {t: 0 for t in benchmark.GENERATORS}
     step = 0
     while True:
         batch: list = []
+        extra: list = []
         k = 0
         while len(batch) < batch_size:
             task = tasks[(step * batch_size + k) % len(tasks)]
-            item = [benchmark.training_form(sample) for sample in benchmark.draw(task, "train", drawn[task], seed)]
+            drawn_samples = benchmark.draw(task, "train", drawn[task], seed)
+            item = [benchmark.training_form(sample) for sample in drawn_samples]
             if caption_every and drawn[task] % caption_every == 0:
                 item.append(benchmark.caption_sample(item[0]))
+            extra += benchmark.lookup_drills(drawn_samples[0], drills)
             batch += item
             drawn[task] += 1
             k += 1
-        yield batch[:batch_size]
+        yield batch[:batch_size] + extra
         step += 1
 
 
@@ -231,7 +254,7 @@ def pretrain_vision(vlm: VLM, probe: CellProbe, captured: list, steps: int, batc
         + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
-    stream = training_batches(seed + 1, batch_size, caption_every=0)
+    stream = training_batches(seed + 1, batch_size, caption_every=0, drills=0)
     embeddings = model.get_input_embeddings().weight
     losses = []
     bar = tqdm(range(steps), desc="vision")
