@@ -1,5 +1,6 @@
 """The embedded model's training script: cell targets line up with visual tokens; runs are seeded."""
 
+import pytest
 import torch
 
 from mquant.models.qwen2_vl import FAMILY
@@ -26,6 +27,18 @@ def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
     empty = probe.label_ids("empty")
     assert len(empty) == 2  # "empty" and " empty"
     assert (targets[:, empty].sum(-1) == 1).float().mean() > 0.3  # most cells of a scene are empty
+
+
+def test_cell_targets_weigh_a_numbers_characters_by_their_order():
+    _, tokenizer, _ = build_components()
+    probe = train.CellProbe(tokenizer)
+    number = train.benchmark.Sample("n", [], "", [""], {"cells": [[["4", "7", "2"]]]})
+    scene = train.benchmark.Sample("s", [], "", [""], {"cells": [[["red", "circle"]]]})
+    targets = probe.targets([number, scene], len(tokenizer))
+    digits = [targets[0, probe.label_ids(ch)].sum().item() for ch in "472"]
+    assert digits == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    words = [targets[1, probe.label_ids(word)].sum().item() for word in ("red", "circle")]
+    assert words == pytest.approx([0.5, 0.5])
 
 
 def test_training_fast_paths_compute_the_same_function():
