@@ -5,6 +5,7 @@ import torch
 
 from mquant.models.qwen2_vl import FAMILY
 from mquant.models.vlm import VLM
+from mquant.samples import Sample
 from mquant.zoo import train
 from mquant.zoo.architecture import build_components
 
@@ -32,8 +33,8 @@ def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
 def test_cell_targets_weigh_a_numbers_characters_by_their_order():
     _, tokenizer, _ = build_components()
     probe = train.CellProbe(tokenizer)
-    number = train.benchmark.Sample("n", [], "", [""], {"cells": [[["4", "7", "2"]]]})
-    scene = train.benchmark.Sample("s", [], "", [""], {"cells": [[["red", "circle"]]]})
+    number = Sample("n", [], "", [""], {"cells": [[["4", "7", "2"]]]})
+    scene = Sample("s", [], "", [""], {"cells": [[["red", "circle"]]]})
     targets = probe.targets([number, scene], len(tokenizer))
     digits = [targets[0, probe.label_ids(ch)].sum().item() for ch in "472"]
     assert digits == pytest.approx([4 / 7, 2 / 7, 1 / 7])

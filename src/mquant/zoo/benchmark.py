@@ -252,11 +252,19 @@ def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
         options = [correct] + others
     rng.shuffle(options)
     letter = LETTERS[options.index(correct)]
-    lines = "\n".join(f"{LETTERS[k]}. {opt}" for k, opt in enumerate(options))
-    text = f"{IMAGE_MARKER}\n{question}\n{lines}\nAnswer with the option's letter."
-    return [Sample(f"choice:{split}:{i}", [canvas], text, [letter],
+    return [Sample(f"choice:{split}:{i}", [canvas], f"{IMAGE_MARKER}\n{_with_options(question, options)}", [letter],
                    {"options": options, "caption": scene_caption(objects), "cells": [scene_cells(objects)],
-                    "training_answer": f"it is {correct}, the answer is {letter}"})]
+                    "training_answer": _choice_training_answer(correct, letter)})]
+
+
+def _with_options(question: str, options: list[str]) -> str:
+    """`question` followed by its lettered options and the instruction, as ScienceQA-style prompts."""
+    lines = "\n".join(f"{LETTERS[k]}. {opt}" for k, opt in enumerate(options))
+    return f"{question}\n{lines}\nAnswer with the option's letter."
+
+
+def _choice_training_answer(option: str, letter: str) -> str:
+    return f"it is {option}, the answer is {letter}"
 
 
 def gen_compare(rng: random.Random, split: str, i: int) -> list[Sample]:
@@ -350,11 +358,8 @@ def lookup_drills(sample: Sample, n: int = 1) -> list[Sample]:
         order = list(options)
         if k:
             random.Random(f"{sample.id}/lookup/{k}").shuffle(order)
-        letter = LETTERS[order.index(correct)]
-        lines = "\n".join(f"{LETTERS[j]}. {opt}" for j, opt in enumerate(order))
-        drills.append(Sample(f"{sample.id}:lookup:{k}", [], f"Which option is {correct}?\n{lines}\n"
-                             "Answer with the option's letter.", [f"it is {correct}, the answer is {letter}"],
-                             {"cells": []}))
+        drills.append(Sample(f"{sample.id}:lookup:{k}", [], _with_options(f"Which option is {correct}?", order),
+                             [_choice_training_answer(correct, LETTERS[order.index(correct)])], {"cells": []}))
     return drills
 
 

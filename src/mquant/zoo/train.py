@@ -114,7 +114,7 @@ class CellProbe(nn.Module):
         """How much of a cell's target each label gets: equal shares, except for the characters of a
         number or code, which halve from left to right, so that the visual token says in which order
         they are written (with equal shares it holds them as a set, and the model read 13758 as 13785)."""
-        if len(labels) > 1 and all(len(label) == 1 for label in labels):
+        if all(len(label) == 1 for label in labels):
             weights = [0.5 ** k for k in range(len(labels))]
         else:
             weights = [1.0] * len(labels)
