@@ -6,13 +6,15 @@ The benchmark's scores average kinds that a model learns at very different speed
 or a 5-digit number; "is there a ..." or "is X left of Y"); this splits `textread`, `yesno` and
 `choice` by kind. For `choice` it also says how often the answer names the right option's text (the
 embedded model says the option before its letter) and how often the letter is that of the option
-it named.
+it named; for `yesno`, how many of the cells the answer gives the named objects ("the red circle is
+at 1 3, ...") are right.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 
 import torch
 
@@ -37,6 +39,13 @@ def named_option(prediction: str, options: list[str]) -> str | None:
     return said if said in options else None
 
 
+def stated_cells(prediction: str, caption: str) -> tuple[int, int]:
+    """(cells the answer gives objects, how many of them are right), against the scene's caption."""
+    truth = {f"{c} {s}": (r, k) for c, s, r, k in re.findall(r"(\w+) (\w+) at (\d) (\d)", caption)}
+    said = re.findall(r"the (\w+) (\w+) is at (\d) (\d)", prediction)
+    return len(said), sum(truth.get(f"{c} {s}") == (r, k) for c, s, r, k in said)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default=str(EMBEDDED_MODEL))
@@ -47,7 +56,8 @@ def main() -> None:
     for task in ("textread", "yesno", "choice"):
         samples = benchmark.generate(task, "calib", args.n)
         with torch.no_grad():
-            predictions = [p for k in range(0, len(samples), 16) for p in vlm.generate(samples[k : k + 16], 12)]
+            # Long enough for the whole training-form answer (the benchmark stops earlier).
+            predictions = [p for k in range(0, len(samples), 16) for p in vlm.generate(samples[k : k + 16], 24)]
         for sample, prediction in zip(samples, predictions):
             row = rows[(task, kind(task, sample))]
             row["n"] += 1
@@ -56,16 +66,22 @@ def main() -> None:
                 row["right"] += prediction.strip().lower() == truth.lower()
             elif task == "yesno":
                 row["right"] += parse_yes_no(prediction) == truth
+                stated, right = stated_cells(prediction, sample.meta["caption"])
+                row["cells stated"] += stated
+                row["cells right"] += right
             else:
                 letter, options = parse_option_letter(prediction), sample.meta["options"]
                 said = named_option(prediction, options)
                 row["right"] += letter == truth
                 row["named right"] += said == options[benchmark.LETTERS.index(truth)]
                 row["letter of named"] += said is not None and letter == benchmark.LETTERS[options.index(said)]
-    print(f"{'task':10} {'kind':20} {'n':>4} {'right':>6} {'names right option':>19} {'letter of named':>16}")
+    print(f"{'task':10} {'kind':20} {'n':>4} {'right':>6} {'names right option':>19} {'letter of named':>16}"
+          f" {'object cells right':>19}")
     for (task, name), row in sorted(rows.items()):
         extra = (f"{row['named right'] / row['n']:19.2f} {row['letter of named'] / row['n']:16.2f}"
                  if task == "choice" else "")
+        if row["cells stated"]:
+            extra = f"{'':36} {row['cells right']:>9d} of {row['cells stated']:<6d}"
         print(f"{task:10} {name:20} {row['n']:4d} {row['right'] / row['n']:6.2f} {extra}")
 
 

@@ -59,6 +59,15 @@ def test_mme_acc_and_acc_plus():
     assert s["acc_plus"] == pytest.approx(1 / 3)  # only image 0 has both right
 
 
+@pytest.mark.parametrize("text,answer", [
+    ("yes", "yes"), ("No.", "no"), ("the red circle is at 1 3, so yes", "yes"),
+    ("there is no red circle, so no", "no"), ("yes and no", None), ("not sure", None), ("", None),
+    ("nothing", None),  # "no" must be a word, not a prefix
+])
+def test_yes_no_parse_needs_exactly_one_of_the_two_words(text, answer):
+    assert m.parse_yes_no(text) == answer
+
+
 @pytest.mark.parametrize("text,letter", [
     ("B", "B"), ("b", "B"), ("C.", "C"), ("A) blue", "A"), ("(D) four", "D"),
     ("The answer is C.", "C"), ("the answer is: b", "B"), ("blue", None), ("", None), ("E", None),

@@ -98,10 +98,11 @@ def ocrbench_match(prediction: str, answers: list[str], math_mode: bool = False)
 
 # -- yes/no (MME) ---------------------------------------------------------------------------------------
 def parse_yes_no(prediction: str) -> str | None:
-    words = re.findall(r"[a-z]+", prediction.lower())
-    if not words:
-        return None
-    return words[0] if words[0] in ("yes", "no") else None
+    """"yes" or "no" when the answer has exactly one of the two words (VLMEvalKit's rule for MME, so
+    "the red circle is at 1 3, so yes" reads as yes); None when it has both or neither."""
+    words = set(re.findall(r"[a-z]+", prediction.lower()))
+    found = words & {"yes", "no"}
+    return found.pop() if len(found) == 1 else None
 
 
 def mme_scores(predictions: list[str], answers: list[str], image_ids: list) -> dict[str, float]:

@@ -323,8 +323,9 @@ def training_form(sample: Sample) -> Sample:
     multiple-choice answer first says the chosen option's text, then its letter ("it is red circle,
     the answer is A", which the option parser reads as A), so that the dense tokens before the
     letter train the lookup the question needs. A yes/no answer goes on after its first word with
-    where the named objects are ("no, the red circle is at 1 3 and ..."; the parser reads only the
-    first word), for the same reason. Every other sample is trained on its benchmark answer.
+    where the named objects are ("no, the red circle is at 1 3 and ..."; the parser reads the one of
+    yes and no the answer holds), for the same reason. Every other sample is trained on its benchmark
+    answer.
     """
     answer = sample.meta.get("training_answer")
     return sample if answer is None else dataclasses.replace(sample, answers=[answer])
