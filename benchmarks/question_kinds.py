@@ -21,6 +21,7 @@ import torch
 from mquant.eval.metrics import parse_option_letter, parse_yes_no
 from mquant.models.vlm import load_pretrained
 from mquant.zoo import EMBEDDED_MODEL, benchmark
+from mquant.zoo.render import CELL, EMPTY, SIZE
 
 KINDS = {"yesno": (("exists", "Is there"), ("count", "exactly"), ("left/right", "left of")),
          "choice": (("count", "How many"), ("colour", "What color"), ("topmost", "closest to the top"))}
@@ -39,11 +40,13 @@ def named_option(prediction: str, options: list[str]) -> str | None:
     return said if said in options else None
 
 
-def stated_cells(prediction: str, caption: str) -> tuple[int, int]:
-    """(cells the answer gives objects, how many of them are right), against the scene's caption."""
-    truth = {f"{c} {s}": (r, k) for c, s, r, k in re.findall(r"(\w+) (\w+) at (\d) (\d)", caption)}
-    said = re.findall(r"the (\w+) (\w+) is at (\d) (\d)", prediction)
-    return len(said), sum(truth.get(f"{c} {s}") == (r, k) for c, s, r, k in said)
+def stated_cells(prediction: str, cells: list[list[str]]) -> tuple[int, int]:
+    """(cells the answer gives objects, how many of them are right), against the scene's cell labels
+    (`meta["cells"]` of its image: one [colour, shape] per occupied cell, row by row)."""
+    side = SIZE // CELL
+    truth = {" ".join(labels): (str(k // side), str(k % side)) for k, labels in enumerate(cells) if labels != [EMPTY]}
+    said = re.findall(r"the (\w+ \w+) is at (\d) (\d)", prediction)
+    return len(said), sum(truth.get(name) == (r, k) for name, r, k in said)
 
 
 def main() -> None:
@@ -66,7 +69,7 @@ def main() -> None:
                 row["right"] += prediction.strip().lower() == truth.lower()
             elif task == "yesno":
                 row["right"] += parse_yes_no(prediction) == truth
-                stated, right = stated_cells(prediction, sample.meta["caption"])
+                stated, right = stated_cells(prediction, sample.meta["cells"][0])
                 row["cells stated"] += stated
                 row["cells right"] += right
             else:
