@@ -21,7 +21,7 @@ def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
     model.model.visual.merger.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.no_grad():
         model(**vlm.encode(samples, with_answer=True))
-    probe = train.CellProbe(tokenizer)
+    probe = train.CellProbe(tokenizer, config.text_config.hidden_size)
     targets = probe.targets(samples, config.text_config.vocab_size)
     assert targets.shape[0] == captured[0].shape[0] == 16 * sum(len(s.images) for s in samples)
     assert torch.allclose(targets.sum(-1), torch.ones(targets.shape[0]))
@@ -31,8 +31,8 @@ def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
 
 
 def test_cell_targets_weigh_a_numbers_characters_by_their_order():
-    _, tokenizer, _ = build_components()
-    probe = train.CellProbe(tokenizer)
+    config, tokenizer, _ = build_components()
+    probe = train.CellProbe(tokenizer, config.text_config.hidden_size)
     number = Sample("n", [], "", [""], {"cells": [[["4", "7", "2"]]]})
     scene = Sample("s", [], "", [""], {"cells": [[["red", "circle"]]]})
     targets = probe.targets([number, scene], len(tokenizer))
@@ -40,6 +40,18 @@ def test_cell_targets_weigh_a_numbers_characters_by_their_order():
     assert digits == pytest.approx([4 / 7, 2 / 7, 1 / 7])
     words = [targets[1, probe.label_ids(word)].sum().item() for word in ("red", "circle")]
     assert words == pytest.approx([0.5, 0.5])
+
+
+def test_character_slots_keep_order_and_repeats_and_skip_other_cells():
+    probe = train.CharacterSlotProbe(8)
+    cells = [["4", "7", "2"], ["red", "circle"], ["1", "1"], ["empty"], ["total", "5"]]
+    targets = probe.targets([Sample("n", [], "", [""], {"cells": [cells]})])
+    none, index = len(probe.ALPHABET), probe.ALPHABET.index
+    assert targets.tolist() == [[index("4"), index("7"), index("2"), none], [-100] * 4,
+                                [index("1"), index("1"), none, none], [-100] * 4, [index("5"), none, none, none]]
+    tokens = torch.randn(len(cells), 8, requires_grad=True)
+    probe.loss(tokens, [Sample("n", [], "", [""], {"cells": [cells]})]).backward()
+    assert tokens.grad[1].abs().sum() == 0 and tokens.grad[0].abs().sum() > 0  # scene cells not supervised
 
 
 def test_training_fast_paths_compute_the_same_function():

@@ -114,10 +114,9 @@ def mme_scores(predictions: list[str], answers: list[str], image_ids: list) -> d
     return {"acc": sum(right) / len(right), "acc_plus": sum(per_image.values()) / len(per_image)}
 
 
-# -- multiple choice (ScienceQA, MMMU) --------------------------------------------------------------------
+# -- multiple choice (ScienceQA, MMBench, MMMU) -------------------------------------------------------------
 def parse_option_letter(prediction: str, letters: str = "ABCD") -> str | None:
-    """An exact letter, an 'X.' / 'X)' prefix or 'The answer is X'; anything else is None (wrong,
-    never a random guess)."""
+    """An exact letter, an 'X.' / 'X)' prefix or 'The answer is X'; anything else is None."""
     text = prediction.strip()
     if len(text) == 1 and text.upper() in letters:
         return text.upper()
@@ -130,6 +129,22 @@ def parse_option_letter(prediction: str, letters: str = "ABCD") -> str | None:
     return None
 
 
-def option_accuracy(prediction: str, answers: list[str]) -> float:
-    letter = parse_option_letter(prediction)
+def parse_option(prediction: str, choices: dict[str, str] | None = None) -> str | None:
+    """The option an answer picks: its letter (`parse_option_letter`), else the one option whose text
+    the answer contains (VLMEvalKit's `can_infer_text`: case-insensitive, exactly one option, and an
+    answer no longer than twice the options' text together). None when neither decides: a failed
+    parse counts as wrong, never as a random guess."""
+    letters = "".join(choices) if choices else "ABCD"
+    letter = parse_option_letter(prediction, letters)
+    if letter is not None or not choices:
+        return letter
+    answer = prediction.strip().lower()
+    if not answer or len(answer) > 2 * sum(len(text) for text in choices.values()):
+        return None
+    found = [k for k, text in choices.items() if str(text).strip().lower() in answer]
+    return found[0] if len(found) == 1 else None
+
+
+def option_accuracy(prediction: str, answers: list[str], choices: dict[str, str] | None = None) -> float:
+    letter = parse_option(prediction, choices)
     return float(letter is not None and letter == answers[0].strip().upper())

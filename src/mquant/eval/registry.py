@@ -12,7 +12,7 @@ _BUILTIN = {
     "digits": ("exact_match", 4, "read a real handwritten digit"),
     "textread": ("vqa_accuracy", 10, "read a word or number, sometimes over a photo"),
     "docfields": ("anls", 10, "read a named field of a rendered form"),
-    "yesno": ("mme", 4, "yes/no questions in pairs about shapes (acc, acc+)"),
+    "yesno": ("mme", 20, "yes/no questions in pairs about shapes (acc, acc+)"),
     "choice": ("option_accuracy", 12, "multiple choice with lettered options"),
     "compare": ("exact_match", 6, "two interleaved images: which has more circles"),
 }

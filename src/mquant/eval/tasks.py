@@ -17,6 +17,13 @@ def _mean_score(score: Callable[[str, list[str]], float]):
     return aggregate
 
 
+def _option_aggregate(predictions: list[str], samples: list[Sample]) -> dict:
+    """Option accuracy with each sample's `meta["choices"]` (letter -> text), so an answer that gives
+    the option's text instead of its letter is read as VLMEvalKit reads it."""
+    values = [metrics.option_accuracy(p, s.answers, s.meta.get("choices")) for p, s in zip(predictions, samples)]
+    return {"score": sum(values) / len(values)}
+
+
 def _mme_aggregate(predictions: list[str], samples: list[Sample]) -> dict:
     """MME-style: score = (acc + acc+) / 2, the 0-1 version of MME's acc + acc+ (max 200)."""
     s = metrics.mme_scores(predictions, [x.answers[0] for x in samples], [x.meta["image"] for x in samples])
@@ -38,7 +45,7 @@ METRICS = {
     "exact_match": _mean_score(metrics.exact_match),
     "vqa_accuracy": _mean_score(metrics.vqa_accuracy),
     "anls": _mean_score(metrics.anls),
-    "option_accuracy": _mean_score(metrics.option_accuracy),
+    "option_accuracy": _option_aggregate,
     "ocrbench": _mean_score(metrics.ocrbench_match),
     "mme": _mme_aggregate,
 }

@@ -81,7 +81,7 @@ def load_tsv_samples(path: Path) -> tuple[list[Sample], bool, bool]:
         answers = _answers(r["answer"])
         list_answers |= len(answers) > 1
         samples.append(Sample(f"tsv:{r['index']}", [_decode_image(r["image"], images, where)],
-                              f"{IMAGE_MARKER}\n{text}", answers, {"category": r.get("category")}))
+                              f"{IMAGE_MARKER}\n{text}", answers, {"category": r.get("category"), "choices": dict(options)}))
     return samples, bool(letters), list_answers
 
 

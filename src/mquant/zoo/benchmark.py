@@ -100,8 +100,13 @@ def gen_digits(rng: random.Random, split: str, i: int) -> list[Sample]:
 
 
 # -- textread ---------------------------------------------------------------------------------------
+def _number(rng: random.Random, digits: int) -> str:
+    """A number of exactly `digits` digits (lengths drawn evenly, so short numbers are as common as long)."""
+    return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+
+
 def gen_textread(rng: random.Random, split: str, i: int) -> list[Sample]:
-    text = rng.choice(WORDS) if rng.random() < 0.6 else str(rng.randint(10, 99999))
+    text = rng.choice(WORDS) if rng.random() < 0.6 else _number(rng, rng.randint(2, 5))
     on_photo = rng.random() < 0.4
     canvas = photo_canvas(rng) if on_photo else plain_canvas(rng)
     cells = empty_cells()
@@ -161,6 +166,11 @@ def _column(o: dict) -> int:
     return int(o["x"]) // CELL
 
 
+def _reading_order(objects: list[dict]) -> list[dict]:
+    """Row by row of the visual-token grid, left to right (the order captions list shapes in)."""
+    return sorted(objects, key=lambda o: (_row(o), _column(o), o["color"], o["shape"]))
+
+
 def _fill(cells: list[list[str]]) -> list[list[str]]:
     return [labels or [EMPTY] for labels in cells]
 
@@ -175,9 +185,12 @@ def scene_cells(objects: list[dict]) -> list[list[str]]:
 
 def scene_caption(objects: list[dict]) -> str:
     """Every object in reading order with its cell (row, column) on the visual-token grid."""
-    cells = sorted((_row(o), _column(o), o["color"], o["shape"]) for o in objects)
-    parts = [f"{c} {s} at {r} {k}" for r, k, c, s in cells]
+    parts = [f"{o['color']} {o['shape']} at {_row(o)} {_column(o)}" for o in _reading_order(objects)]
     return f"{len(objects)} shapes: " + ", ".join(parts)
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def _absent(rng: random.Random, objects: list[dict]) -> tuple[str, str]:
@@ -186,38 +199,41 @@ def _absent(rng: random.Random, objects: list[dict]) -> tuple[str, str]:
 
 
 def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
-    """One image, two questions: one whose answer is yes and one whose answer is no."""
+    """One image, two questions: one whose answer is yes and one whose answer is no.
+
+    Kinds: whether a colour-and-shape pair is there (the absent pair may share its colour or its shape
+    with shapes that are there), the number of shapes, and which shape is closest to the top or the
+    left (both questions name a shape that is there, so only its position decides)."""
     canvas, objects = _scene(rng, rng.randint(2, 4))
     kind = rng.choice(("exist", "count", "position"))
     if kind == "exist":
         o = rng.choice(objects)
         c, s = _absent(rng, objects)
-        yes, no = f"Is there a {o['color']} {o['shape']}?", f"Is there a {c} {s}?"
-        why_yes, why_no = _where(o), f"there is no {c} {s}"
+        yes, no = f"Is there {_a(o['color'])} {o['shape']}?", f"Is there {_a(c)} {s}?"
+        why = ", ".join(f"{o['color']} {o['shape']}" for o in _reading_order(objects))
     elif kind == "count":
         n = len(objects)
         wrong = rng.choice([k for k in range(1, 6) if k != n])
         yes, no = f"Are there exactly {n} shapes?", f"Are there exactly {wrong} shapes?"
-        why_yes = why_no = f"there are {n} shapes"
+        why = f"there are {n} shapes"
     else:
-        a, b = sorted(rng.sample(objects, 2), key=lambda o: o["x"])
-        if _column(a) == _column(b):  # decided inside one visual-token cell: draw another scene
+        side = rng.choice(("top", "left"))
+        where = _row if side == "top" else _column
+        ordered = sorted(objects, key=where)
+        if where(ordered[0]) == where(ordered[1]):  # decided inside one row/column of cells: draw another
             return gen_yesno(rng, split, i)
-        da, db = f"the {a['color']} {a['shape']}", f"the {b['color']} {b['shape']}"
-        yes, no = f"Is {da} left of {db}?", f"Is {db} left of {da}?"
-        why_yes, why_no = f"{_where(a)} and {_where(b)}", f"{_where(b)} and {_where(a)}"
+        first, other = ordered[0], rng.choice(ordered[1:])
+        ask = f"the shape closest to the {side}?"
+        yes, no = (f"Is the {o['color']} {o['shape']} {ask}" for o in (first, other))
+        why = f"the shape closest to the {side} is the {first['color']} {first['shape']}"
     suffix = " Answer yes or no."
     meta = {"image": i, "caption": scene_caption(objects), "cells": [scene_cells(objects)]}
     return [
         Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"],
-               {**meta, "training_answer": f"yes, {why_yes}"}),
+               {**meta, "training_answer": f"{why}, so yes"}),
         Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"],
-               {**meta, "training_answer": f"no, {why_no}"}),
+               {**meta, "training_answer": f"{why}, so no"}),
     ]
-
-
-def _where(o: dict) -> str:
-    return f"the {o['color']} {o['shape']} is at {_row(o)} {_column(o)}"
 
 
 def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
@@ -253,18 +269,14 @@ def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
     rng.shuffle(options)
     letter = LETTERS[options.index(correct)]
     return [Sample(f"choice:{split}:{i}", [canvas], f"{IMAGE_MARKER}\n{_with_options(question, options)}", [letter],
-                   {"options": options, "caption": scene_caption(objects), "cells": [scene_cells(objects)],
-                    "training_answer": _choice_training_answer(correct, letter)})]
+                   {"choices": dict(zip(LETTERS, options)), "caption": scene_caption(objects), "cells": [scene_cells(objects)],
+                    "training_answer": correct})]
 
 
 def _with_options(question: str, options: list[str]) -> str:
-    """`question` followed by its lettered options and the instruction, as ScienceQA-style prompts."""
+    """`question` followed by its lettered options and VLMEvalKit's default multiple-choice instruction."""
     lines = "\n".join(f"{LETTERS[k]}. {opt}" for k, opt in enumerate(options))
-    return f"{question}\n{lines}\nAnswer with the option's letter."
-
-
-def _choice_training_answer(option: str, letter: str) -> str:
-    return f"it is {option}, the answer is {letter}"
+    return f"{question}\nOptions:\n{lines}\nPlease select the correct answer from the options above."
 
 
 def gen_compare(rng: random.Random, split: str, i: int) -> list[Sample]:
@@ -319,13 +331,15 @@ def draw(task: str, split: str, i: int, seed: int = 0) -> list[Sample]:
 def training_form(sample: Sample) -> Sample:
     """`sample` as the embedded model is trained on it; the benchmark's parsers read the same answer.
 
-    Generators that want a longer training answer put it in `meta["training_answer"]`. A
-    multiple-choice answer first says the chosen option's text, then its letter ("it is red circle,
-    the answer is A", which the option parser reads as A), so that the dense tokens before the
-    letter train the lookup the question needs. A yes/no answer goes on after its first word with
-    where the named objects are ("no, the red circle is at 1 3 and ..."; the parser reads the one of
-    yes and no the answer holds), for the same reason. Every other sample is trained on its benchmark
-    answer.
+    Generators that want another training answer put it in `meta["training_answer"]`. A
+    multiple-choice item is trained on the chosen option's text ("red circle"; the option parser
+    finds its letter, as VLMEvalKit's does): the letter adds only a text lookup from an option to the
+    letter before it, which the embedded model learned far more slowly than the seeing (README,
+    "Status"). A yes/no answer gives its reason first and then the word ("red square, blue circle,
+    so no"; the parser reads the one of yes and no the answer holds): the reason is what the model
+    already does well (naming the shapes in reading order, the one closest to the top), and the
+    yes or no is then a comparison with the question's words. Every other sample is trained on its
+    benchmark answer.
     """
     answer = sample.meta.get("training_answer")
     return sample if answer is None else dataclasses.replace(sample, answers=[answer])
@@ -338,30 +352,6 @@ def caption_sample(sample: Sample) -> Sample:
     markers = "".join(f"{IMAGE_MARKER}\n" for _ in sample.images)
     return Sample(f"{sample.id}:caption", sample.images, f"{markers}Describe the image.", [sample.meta["caption"]],
                   {"cells": sample.meta["cells"]})
-
-
-def lookup_drills(sample: Sample, n: int = 1) -> list[Sample]:
-    """Training-only, text-only companions of a multiple-choice `sample` (none for other samples):
-    its options, the first time in its order and then shuffled, under a question that names the right
-    option ("Which option is yellow?"), so the answer trains only the lookup from an option's text to
-    its letter, with no image whose visual tokens also sit near the option's words.
-
-    Why: teacher-forced on "it is <right option>, the answer is", the model trained without drills
-    gave the right letter for 84 % of digit options but ~25 % (chance) of colour and shape options,
-    with a blank image as well as with the real one: the word lookup had not been learned at all,
-    while the digit lookup, whose tokens no image cell is labelled with, had."""
-    options = sample.meta.get("options")
-    if not options:
-        return []
-    correct = options[LETTERS.index(sample.answers[0])]
-    drills = []
-    for k in range(n):
-        order = list(options)
-        if k:
-            random.Random(f"{sample.id}/lookup/{k}").shuffle(order)
-        drills.append(Sample(f"{sample.id}:lookup:{k}", [], _with_options(f"Which option is {correct}?", order),
-                             [_choice_training_answer(correct, LETTERS[order.index(correct)])], {"cells": []}))
-    return drills
 
 
 def mixed(split: str, n: int, seed: int = 0) -> list[Sample]:

@@ -72,13 +72,15 @@ def empty_cells(per_side: int = SIZE // CELL) -> list[list[str]]:
 
 def label_text_cells(cells: list[list[str]], text: str, origin_x: float, row: int, f, per_side: int = SIZE // CELL) -> None:
     """Add `text`, drawn with its origin at `origin_x` on grid row `row`, to the cell labels: a word
-    labels every cell it covers; any other string labels each cell with the characters centred in it."""
+    labels every cell it covers; any other string labels each cell with the characters centred in it, in
+    order."""
     for i, ch in enumerate(text):
         centre = origin_x + (f.getlength(text[:i]) + f.getlength(text[: i + 1])) / 2
         col = min(per_side - 1, max(0, int(centre // CELL)))
-        label = text if text.isalpha() else ch
-        if label not in cells[row * per_side + col]:
-            cells[row * per_side + col].append(label)
+        if not text.isalpha():  # every character, repeats included: "11" is two ones
+            cells[row * per_side + col].append(ch)
+        elif text not in cells[row * per_side + col]:
+            cells[row * per_side + col].append(text)
 
 
 def draw_text(img: Image.Image, rng: random.Random, text: str, size: int, outline: bool,
