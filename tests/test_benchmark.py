@@ -57,34 +57,45 @@ def test_every_image_has_cell_labels_and_a_caption(task):
 
 
 def test_choice_and_yes_no_are_trained_on_answers_their_parsers_read():
-    from mquant.eval.metrics import parse_option_letter, parse_yes_no
+    from mquant.eval.metrics import parse_option, parse_option_letter, parse_yes_no
 
     for sample in benchmark.generate("choice", "train", 20):
         trained = benchmark.training_form(sample)
-        option = sample.meta["options"][benchmark.LETTERS.index(sample.answers[0])]
-        assert trained.answers[0].startswith(f"it is {option}, ")
-        assert parse_option_letter(trained.answers[0]) == sample.answers[0]  # the benchmark's parser
+        assert trained.answers[0] == sample.meta["choices"][sample.answers[0]]  # the option's text
+        assert parse_option_letter(trained.answers[0]) is None  # no letter: read by its text
+        assert parse_option(trained.answers[0], sample.meta["choices"]) == sample.answers[0]
         assert (trained.text, trained.images) == (sample.text, sample.images)
-    for sample in benchmark.generate("yesno", "train", 20):
+    for sample in benchmark.generate("yesno", "train", 40):
         trained = benchmark.training_form(sample).answers[0]
-        assert parse_yes_no(trained) == sample.answers[0] and trained.startswith(sample.answers[0] + ", ")
+        assert parse_yes_no(trained) == sample.answers[0] and trained.endswith(", so " + sample.answers[0])
     other = benchmark.generate("digits", "train", 1)[0]
     assert benchmark.training_form(other) is other
 
 
-def test_lookup_drills_name_the_right_option_without_an_image():
-    from mquant.eval.metrics import parse_option_letter
+def test_yes_no_reasons_are_true_of_the_scene():
+    """The reason before yes/no names every shape in reading order, the true count, or the shape that
+    really is closest to the top/left, and both questions of a position pair name shapes that are there."""
+    import re
 
-    for sample in benchmark.generate("choice", "train", 20):
-        first, shuffled = benchmark.lookup_drills(sample, 2)
-        option = sample.meta["options"][benchmark.LETTERS.index(sample.answers[0])]
-        assert sample.text.endswith(first.text.split("\n", 1)[1])  # the sample's option lines, in order
-        assert first.answers == [f"it is {option}, the answer is {sample.answers[0]}"]
-        for drill in (first, shuffled):
-            assert drill.images == [] and drill.text.startswith(f"Which option is {option}?\n")
-            letter = parse_option_letter(drill.answers[0])
-            assert f"\n{letter}. {option}\n" in drill.text
-    assert benchmark.lookup_drills(benchmark.generate("yesno", "train", 1)[0]) == []
+    kinds = set()
+    for k, sample in enumerate(benchmark.generate("yesno", "train", 120)):
+        shapes = re.findall(r"(\w+ \w+) at (\d) (\d)", sample.meta["caption"])  # reading order
+        reason = benchmark.training_form(sample).answers[0].rsplit(", so ", 1)[0]
+        if "closest to the" in sample.text:
+            side = "top" if "top" in sample.text else "left"
+            axis = 1 if side == "top" else 2
+            first = min(shapes, key=lambda s: int(s[axis]))
+            assert sum(s[axis] == first[axis] for s in shapes) == 1  # decided between cells
+            assert reason == f"the shape closest to the {side} is the {first[0]}"
+            assert re.search(r"Is the (\w+ \w+) the shape", sample.text).group(1) in [s[0] for s in shapes]
+            kinds.add(side)
+        elif "exactly" in sample.text:
+            assert reason == f"there are {len(shapes)} shapes"
+            kinds.add("count")
+        else:
+            assert reason == ", ".join(s[0] for s in shapes)
+            kinds.add("exist")
+    assert kinds == {"top", "left", "count", "exist"}
 
 
 def test_cell_labels_name_what_the_cell_shows():

@@ -82,6 +82,22 @@ def test_failed_parse_counts_as_wrong():
     assert m.option_accuracy("A.", ["A"]) == 1.0
 
 
+CHOICES = {"A": "red circle", "B": "blue circle", "C": "3", "D": "Yellow"}
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("red circle", "A"), ("It is the Blue Circle.", "B"), ("3", "C"), ("yellow", "D"),
+    ("a red circle", "A"),  # the article is not the letter A
+    ("B", "B"),  # a letter wins over texts
+    ("circle", None),  # no option's whole text
+    ("33", None), ("yellowish", None),  # whole words only
+    ("red circle and blue circle", None),  # two options
+    ("3 " * 40, None),  # longer than twice the options' text together (VLMEvalKit's guard)
+])
+def test_option_parse_falls_back_to_the_one_option_text_in_the_answer(text, letter):
+    assert m.parse_option(text, CHOICES) == letter
+
+
 def _b64_png(color):
     buf = io.BytesIO()
     Image.new("RGB", (28, 28), color).save(buf, format="PNG")
@@ -99,7 +115,8 @@ def test_tsv_loader(tmp_path):
     assert task.metric == "option_accuracy" and len(samples) == 2
     assert samples[1].images[0].getpixel((0, 0)) == (255, 0, 0)  # shared by index
     assert "A. red" in samples[0].text and "Answer with the option's letter" in samples[0].text
-    assert task.aggregate(["A", "nonsense"], samples)["score"] == 0.5
+    assert task.aggregate(["A", "nonsense"], samples)["score"] == 0.5  # "nonsense" is not the option "no"
+    assert task.aggregate(["red", "no"], samples)["score"] == 1.0  # option texts, read as VLMEvalKit does
 
     vqa = tmp_path / "vqa.tsv"
     vqa.write_text("index\timage\tquestion\tanswer\n" + f"1\t{_b64_png('blue')}\tWord?\t['stop', 'stop', 'halt']\n")

@@ -132,7 +132,8 @@ def parse_option_letter(prediction: str, letters: str = "ABCD") -> str | None:
 def parse_option(prediction: str, choices: dict[str, str] | None = None) -> str | None:
     """The option an answer picks: its letter (`parse_option_letter`), else the one option whose text
     the answer contains (VLMEvalKit's `can_infer_text`: case-insensitive, exactly one option, and an
-    answer no longer than twice the options' text together). None when neither decides: a failed
+    answer no longer than twice the options' text together; here as whole words, where VLMEvalKit
+    matches substrings and reads "nonsense" as the option "no"). None when neither decides: a failed
     parse counts as wrong, never as a random guess."""
     letters = "".join(choices) if choices else "ABCD"
     letter = parse_option_letter(prediction, letters)
@@ -141,7 +142,8 @@ def parse_option(prediction: str, choices: dict[str, str] | None = None) -> str 
     answer = prediction.strip().lower()
     if not answer or len(answer) > 2 * sum(len(text) for text in choices.values()):
         return None
-    found = [k for k, text in choices.items() if str(text).strip().lower() in answer]
+    found = [k for k, text in choices.items()
+             if re.search(rf"(?<!\w){re.escape(str(text).strip().lower())}(?!\w)", answer)]
     return found[0] if len(found) == 1 else None
 
 

@@ -106,7 +106,7 @@ def _number(rng: random.Random, digits: int) -> str:
 
 
 def gen_textread(rng: random.Random, split: str, i: int) -> list[Sample]:
-    text = rng.choice(WORDS) if rng.random() < 0.6 else _number(rng, rng.randint(2, 5))
+    text = rng.choice(WORDS) if rng.random() < 0.6 else _number(rng, rng.randint(2, 4))
     on_photo = rng.random() < 0.4
     canvas = photo_canvas(rng) if on_photo else plain_canvas(rng)
     cells = empty_cells()
@@ -202,37 +202,48 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
     """One image, two questions: one whose answer is yes and one whose answer is no.
 
     Kinds: whether a colour-and-shape pair is there (the absent pair may share its colour or its shape
-    with shapes that are there), the number of shapes, and which shape is closest to the top or the
-    left (both questions name a shape that is there, so only its position decides)."""
+    with shapes that are there), the number of shapes, and the colour or the shape of the one closest
+    to the top (the wrong colour or shape is that of another shape where there is one, so that only
+    the position decides).
+
+    Training answers (`training_form`) say what the model saw and compare one word with the question:
+    "there are 3 shapes, so no", "the shape closest to the top is the red circle, so yes". Where the
+    comparison would be of a two-word pair (is there a red circle?), the yes or no comes first and the
+    shapes after it: the embedded model compared a colour-and-shape pair against its own listing at
+    chance, but finds it in the image (README, "Status")."""
     canvas, objects = _scene(rng, rng.randint(2, 4))
     kind = rng.choice(("exist", "count", "position"))
     if kind == "exist":
         o = rng.choice(objects)
         c, s = _absent(rng, objects)
         yes, no = f"Is there {_a(o['color'])} {o['shape']}?", f"Is there {_a(c)} {s}?"
-        why = ", ".join(f"{o['color']} {o['shape']}" for o in _reading_order(objects))
+        seen = ", ".join(f"{o['color']} {o['shape']}" for o in _reading_order(objects))
+        answers = f"yes: {seen}", f"no: {seen}"
     elif kind == "count":
         n = len(objects)
         wrong = rng.choice([k for k in range(1, 6) if k != n])
         yes, no = f"Are there exactly {n} shapes?", f"Are there exactly {wrong} shapes?"
-        why = f"there are {n} shapes"
+        answers = f"there are {n} shapes, so yes", f"there are {n} shapes, so no"
     else:
-        side = rng.choice(("top", "left"))
-        where = _row if side == "top" else _column
-        ordered = sorted(objects, key=where)
-        if where(ordered[0]) == where(ordered[1]):  # decided inside one row/column of cells: draw another
+        ordered = sorted(objects, key=_row)
+        if _row(ordered[0]) == _row(ordered[1]):  # decided inside one row of cells: draw another
             return gen_yesno(rng, split, i)
-        first, other = ordered[0], rng.choice(ordered[1:])
-        ask = f"the shape closest to the {side}?"
-        yes, no = (f"Is the {o['color']} {o['shape']} {ask}" for o in (first, other))
-        why = f"the shape closest to the {side} is the {first['color']} {first['shape']}"
+        top = ordered[0]
+        attribute = rng.choice(("color", "shape"))
+        others = [o[attribute] for o in ordered[1:] if o[attribute] != top[attribute]]
+        pool = COLORS if attribute == "color" else SHAPES
+        wrong = rng.choice(others) if others else rng.choice([v for v in pool if v != top[attribute]])
+        ask = "Is the shape closest to the top "
+        yes, no = ((f"{ask}{v}?" if attribute == "color" else f"{ask}{_a(v)}?") for v in (top[attribute], wrong))
+        seen = f"the shape closest to the top is the {top['color']} {top['shape']}"
+        answers = f"{seen}, so yes", f"{seen}, so no"
     suffix = " Answer yes or no."
     meta = {"image": i, "caption": scene_caption(objects), "cells": [scene_cells(objects)]}
     return [
         Sample(f"yesno:{split}:{i}:yes", [canvas], f"{IMAGE_MARKER}\n{yes}{suffix}", ["yes"],
-               {**meta, "training_answer": f"{why}, so yes"}),
+               {**meta, "training_answer": answers[0]}),
         Sample(f"yesno:{split}:{i}:no", [canvas], f"{IMAGE_MARKER}\n{no}{suffix}", ["no"],
-               {**meta, "training_answer": f"{why}, so no"}),
+               {**meta, "training_answer": answers[1]}),
     ]
 
 
@@ -335,11 +346,8 @@ def training_form(sample: Sample) -> Sample:
     multiple-choice item is trained on the chosen option's text ("red circle"; the option parser
     finds its letter, as VLMEvalKit's does): the letter adds only a text lookup from an option to the
     letter before it, which the embedded model learned far more slowly than the seeing (README,
-    "Status"). A yes/no answer gives its reason first and then the word ("red square, blue circle,
-    so no"; the parser reads the one of yes and no the answer holds): the reason is what the model
-    already does well (naming the shapes in reading order, the one closest to the top), and the
-    yes or no is then a comparison with the question's words. Every other sample is trained on its
-    benchmark answer.
+    "Status"). Yes/no items are trained on the word with what the model saw (`gen_yesno`). Every
+    other sample is trained on its benchmark answer.
     """
     answer = sample.meta.get("training_answer")
     return sample if answer is None else dataclasses.replace(sample, answers=[answer])

@@ -13,17 +13,15 @@ Training-only aids make a model this small learn in minutes what the answer loss
   is pulled towards the token embeddings of what its cell shows (a digit, the word or characters
   written there, the colour and shape drawn there, or `empty`); with tied input/output embeddings
   the language model then only has to learn where to look and to copy;
+- a *character-slot loss* (`CharacterSlotProbe`): the first, second, ... character of a number or
+  code in a cell, read out of its visual token linearly, so that the order of the characters is
+  something the language model can copy;
 - "describe the image" companions (`benchmark.caption_sample`) for half of the items, so the
-  language model practises reading every cell out in order;
-- text-only "which option is <text>?" companions of every multiple-choice item
-  (`benchmark.lookup_drills`), which train the lookup from an option's text to its letter apart
-  from seeing.
+  language model practises reading every cell out in order.
 
-Multiple-choice and yes/no samples are trained on longer answers that their parsers read the same
-way (`benchmark.training_form`): the chosen option's text before its letter, and where the named
-objects are after yes or no. `python benchmarks/question_kinds.py` shows what that buys and what
-it does not: the committed model names the right option's text far more often than it then gives
-that option's letter.
+Multiple-choice and yes/no samples are trained on answers their parsers read the same way
+(`benchmark.training_form`): the chosen option's text, and a reason before yes or no ("there are 3
+shapes, so no"). `python benchmarks/question_kinds.py` splits the scores by question kind.
 
 Training starts with `--vision-steps` steps of the cell loss alone (the language model is not run:
 a step costs a third of a full one), then trains everything. Training runs in fp32: on this CPU
