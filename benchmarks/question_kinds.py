@@ -3,16 +3,17 @@
     python benchmarks/question_kinds.py [MODEL_DIR] [--n 96]
 
 The benchmark's scores average kinds that a model learns at very different speeds (reading a word
-or a 5-digit number; "is there a ..." or "which shape is closest to the left"); this splits
-`textread`, `yesno` and `choice` by kind. For `yes/no` it also says how often the reason the
-embedded model gives before its yes or no ("red square, blue circle, so no") is the true one, and
-how often the yes or no is right after a true reason: wrong seeing and wrong comparing apart.
+or a 4-digit number; "is there a ..." or "is the shape closest to the top red"); this splits
+`textread`, `yesno` and `choice` by kind. For `yesno` it also says how often what the embedded
+model says it saw beside its yes or no ("there are 3 shapes, so no", "no: red square, blue circle")
+is true, and how often the yes or no is right when it is: wrong seeing and wrong comparing apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 
 import torch
 
@@ -20,8 +21,7 @@ from mquant.eval.metrics import parse_option, parse_yes_no
 from mquant.models.vlm import load_pretrained
 from mquant.zoo import EMBEDDED_MODEL, benchmark
 
-KINDS = {"yesno": (("exists", "Is there"), ("count", "exactly"), ("closest to the top", "to the top"),
-                   ("closest to the left", "to the left")),
+KINDS = {"yesno": (("exists", "Is there"), ("count", "exactly"), ("topmost", "closest to the top")),
          "choice": (("count", "How many"), ("colour", "What color"), ("topmost", "closest to the top"))}
 
 
@@ -30,6 +30,12 @@ def kind(task: str, sample) -> str:
         text = sample.answers[0]
         return "word" if text.isalpha() else f"number, {len(text)} digits"
     return next(name for name, words in KINDS[task] if words in sample.text)
+
+
+def _without_yes_no(answer: str) -> str:
+    """What a yes/no training-form answer says it saw ("there are 3 shapes, so no" -> "there are 3
+    shapes, so"), to compare with the true one."""
+    return re.sub(r"\b(yes|no)\b", "", answer.strip()).strip(" :")
 
 
 def main() -> None:
@@ -52,18 +58,17 @@ def main() -> None:
                 row["right"] += prediction.strip().lower() == truth.lower()
             elif task == "yesno":
                 row["right"] += parse_yes_no(prediction) == truth
-                reason, _, word = prediction.strip().rpartition(", so ")
-                true_reason = benchmark.training_form(sample).answers[0].rpartition(", so ")[0]
-                row["reason right"] += reason == true_reason
-                row["right after true reason"] += reason == true_reason and parse_yes_no(word) == truth
+                seen = _without_yes_no(prediction) == _without_yes_no(benchmark.training_form(sample).answers[0])
+                row["seen right"] += seen
+                row["right, seen right"] += seen and parse_yes_no(prediction) == truth
             else:
                 row["right"] += parse_option(prediction, sample.meta["choices"]) == truth
-    print(f"{'task':10} {'kind':20} {'n':>4} {'right':>6} {'reason right':>13} {'right given reason':>19}")
+    print(f"{'task':10} {'kind':20} {'n':>4} {'right':>6} {'seen right':>11} {'right when seen right':>22}")
     for (task, name), row in sorted(rows.items()):
         extra = ""
         if task == "yesno":
-            given = row["right after true reason"] / row["reason right"] if row["reason right"] else float("nan")
-            extra = f"{row['reason right'] / row['n']:13.2f} {given:19.2f}"
+            given = row["right, seen right"] / row["seen right"] if row["seen right"] else float("nan")
+            extra = f"{row['seen right'] / row['n']:11.2f} {given:22.2f}"
         print(f"{task:10} {name:20} {row['n']:4d} {row['right'] / row['n']:6.2f} {extra}")
 
 

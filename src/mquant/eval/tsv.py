@@ -80,8 +80,9 @@ def load_tsv_samples(path: Path) -> tuple[list[Sample], bool, bool]:
             text += "\nOptions:\n" + "\n".join(f"{c}. {o}" for c, o in options) + "\n" + MC_PROMPT
         answers = _answers(r["answer"])
         list_answers |= len(answers) > 1
+        meta = {"category": r.get("category"), "choices": dict(options)}
         samples.append(Sample(f"tsv:{r['index']}", [_decode_image(r["image"], images, where)],
-                              f"{IMAGE_MARKER}\n{text}", answers, {"category": r.get("category"), "choices": dict(options)}))
+                              f"{IMAGE_MARKER}\n{text}", answers, meta))
     return samples, bool(letters), list_answers
 
 

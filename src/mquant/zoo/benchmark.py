@@ -217,7 +217,7 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
         o = rng.choice(objects)
         c, s = _absent(rng, objects)
         yes, no = f"Is there {_a(o['color'])} {o['shape']}?", f"Is there {_a(c)} {s}?"
-        seen = ", ".join(f"{o['color']} {o['shape']}" for o in _reading_order(objects))
+        seen = ", ".join(f"{x['color']} {x['shape']}" for x in _reading_order(objects))
         answers = f"yes: {seen}", f"no: {seen}"
     elif kind == "count":
         n = len(objects)
@@ -280,8 +280,8 @@ def gen_choice(rng: random.Random, split: str, i: int) -> list[Sample]:
     rng.shuffle(options)
     letter = LETTERS[options.index(correct)]
     return [Sample(f"choice:{split}:{i}", [canvas], f"{IMAGE_MARKER}\n{_with_options(question, options)}", [letter],
-                   {"choices": dict(zip(LETTERS, options)), "caption": scene_caption(objects), "cells": [scene_cells(objects)],
-                    "training_answer": correct})]
+                   {"choices": dict(zip(LETTERS, options)), "caption": scene_caption(objects),
+                    "cells": [scene_cells(objects)], "training_answer": correct})]
 
 
 def _with_options(question: str, options: list[str]) -> str:
