@@ -21,7 +21,7 @@ def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
     model.model.visual.merger.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.no_grad():
         model(**vlm.encode(samples, with_answer=True))
-    probe = train.CellProbe(tokenizer)
+    probe = train.CellProbe(tokenizer, config.text_config.hidden_size)
     targets = probe.targets(samples, config.text_config.vocab_size)
     assert targets.shape[0] == captured[0].shape[0] == 16 * sum(len(s.images) for s in samples)
     assert torch.allclose(targets.sum(-1), torch.ones(targets.shape[0]))
@@ -32,7 +32,7 @@ def test_cell_targets_line_up_with_the_visual_tokens_of_a_mixed_batch():
 
 def test_cell_targets_weigh_a_numbers_characters_by_their_order():
     config, tokenizer, _ = build_components()
-    probe = train.CellProbe(tokenizer)
+    probe = train.CellProbe(tokenizer, config.text_config.hidden_size)
     number = Sample("n", [], "", [""], {"cells": [[["4", "7", "2"]]]})
     scene = Sample("s", [], "", [""], {"cells": [[["red", "circle"]]]})
     targets = probe.targets([number, scene], len(tokenizer))

@@ -62,24 +62,11 @@ def answer_loss(vlm: VLM, samples) -> torch.Tensor:
     logits = vlm.model(**batch).logits
     ids = batch["input_ids"]
     last = ids.shape[1] - len(vlm.tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]) + 1
-    decisions = torch.tensor(decision_token_ids(vlm.tokenizer), device=ids.device)
     losses = []
     for row, sample in enumerate(samples):
         n = len(vlm.tokenizer(sample.answers[0], add_special_tokens=False)["input_ids"]) + 1
-        targets = ids[row, last - n : last]
-        token_losses = F.cross_entropy(logits[row, last - n - 1 : last - 1].float(), targets, reduction="none")
-        # A yes/no word weighs as much as the rest of its answer together: it is the one token the
-        # benchmark reads, and among a dozen tokens that describe the scene its loss stayed at ln 2.
-        weights = torch.where(torch.isin(targets, decisions), float(max(1, n - 1)), 1.0)
-        losses.append((weights * token_losses).sum() / weights.sum())
+        losses.append(F.cross_entropy(logits[row, last - n - 1 : last - 1].float(), ids[row, last - n : last]))
     return torch.stack(losses).mean()
-
-
-@functools.lru_cache(maxsize=None)
-def decision_token_ids(tokenizer) -> tuple[int, ...]:
-    """The tokens of "yes" and "no", bare and after a space (no other training answer holds them)."""
-    return tuple(sorted({i for word in ("yes", "no", " yes", " no")
-                         for i in tokenizer(word, add_special_tokens=False)["input_ids"]}))
 
 
 class CharacterSlotProbe(nn.Module):
@@ -125,11 +112,13 @@ class CellProbe(nn.Module):
     language model's token embeddings under a learned temperature, so the tokens the vision tower
     emits land near the embeddings of the words they show: the language model then only has to
     learn where to look, which from the answer loss alone took it thousands of steps (see the
-    module docstring). The probe is not part of the saved model."""
+    module docstring). The characters of numbers and codes are also read out slot by slot
+    (`CharacterSlotProbe`). The probe is not part of the saved model."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, dim: int) -> None:
         super().__init__()
         self.tokenizer = tokenizer
+        self.slots = CharacterSlotProbe(dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self._ids: dict[str, list[int]] = {}
 
@@ -173,7 +162,8 @@ class CellProbe(nn.Module):
         if visual_tokens.shape[0] != targets.shape[0]:
             raise RuntimeError(f"{visual_tokens.shape[0]} visual tokens for {targets.shape[0]} labelled cells")
         logits = self.log_scale.exp() * F.normalize(visual_tokens, dim=-1) @ F.normalize(embeddings, dim=-1).T
-        return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        cells = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        return cells + self.slots.loss(visual_tokens, samples)
 
 
 # Drawn twice as often as the others: the tasks that read numbers and codes character by character
@@ -285,18 +275,15 @@ def optimizer_step(opt, sched, params, loss: torch.Tensor) -> None:
     sched.step()
 
 
-def pretrain_vision(vlm: VLM, probe: CellProbe, slots: CharacterSlotProbe, captured: list, steps: int,
-                    batch_size: int, lr: float, seed: int) -> list:
-    """Train the vision tower and merger on the cell and character-slot losses alone (no language
-    model in the loop).
+def pretrain_vision(vlm: VLM, probe: CellProbe, captured: list, steps: int, batch_size: int, lr: float,
+                    seed: int) -> list:
+    """Train the vision tower and merger on the cell loss alone (no language model in the loop).
 
     A vision-only step costs a fraction of a full one, and the tower then starts the joint phase
-    already emitting tokens near the embeddings of what each cell shows, with a number's characters
-    in order. The slot loss is used here only: kept on through the joint stage, it came with yes/no
-    answers at chance on "is there a ..." in every run that had it (README, "Status")."""
+    already emitting tokens near the embeddings of what each cell shows."""
     model = vlm.model
     params = list(model.model.visual.parameters()) + list(model.get_input_embeddings().parameters()) \
-        + list(probe.parameters()) + list(slots.parameters())
+        + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
     stream = training_batches(seed + 1, batch_size, caption_every=0)
@@ -309,8 +296,7 @@ def pretrain_vision(vlm: VLM, probe: CellProbe, slots: CharacterSlotProbe, captu
         inputs, _ = vlm.family.images.process(vlm.image_processor, images, model.config)
         captured.clear()
         model.model.visual(inputs["pixel_values"].to(model.device), grid_thw=inputs["image_grid_thw"].to(model.device))
-        tokens = torch.cat(captured)
-        loss = probe.loss(tokens, embeddings, samples) + slots.loss(tokens, samples)
+        loss = probe.loss(torch.cat(captured), embeddings, samples)
         optimizer_step(opt, sched, params, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % 50 == 0:
@@ -326,8 +312,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     model = FAMILY.model_class(config).to(device)
     model.train()
     vlm = VLM(model, tokenizer, processor, FAMILY, str(out))
-    probe = CellProbe(tokenizer).to(device)
-    slots = CharacterSlotProbe(config.text_config.hidden_size).to(device)
+    probe = CellProbe(tokenizer, config.text_config.hidden_size).to(device)
     captured: list[torch.Tensor] = []
     hook = model.model.visual.merger.register_forward_hook(lambda _m, _i, output: captured.append(output))
     groups: dict[tuple[bool, bool], list] = {}
@@ -348,7 +333,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     # fp32 on purpose: on this CPU torch's bf16 matmuls for these shapes are ~30x slower than fp32.
     with training_fast_paths(model):
         if vision_steps:
-            log["vision_loss"] = pretrain_vision(vlm, probe, slots, captured, vision_steps, batch_size,
+            log["vision_loss"] = pretrain_vision(vlm, probe, captured, vision_steps, batch_size,
                                                  lr * vision_lr_scale, seed)
         bar = tqdm(range(steps), desc="train")
         running = None
