@@ -206,11 +206,11 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
     to the top (the wrong colour or shape is that of another shape where there is one, so that only
     the position decides).
 
-    Training answers (`training_form`) say what the model saw and compare one word with the question:
-    "there are 3 shapes, so no", "the shape closest to the top is the red circle, so yes". Where the
-    comparison would be of a two-word pair (is there a red circle?), the yes or no comes first and the
-    shapes after it: the embedded model compared a colour-and-shape pair against its own listing at
-    chance, but finds it in the image (README, "Status")."""
+    Training answers (`training_form`) give yes or no with what the model saw: "there are 3 shapes,
+    so no", "the shape closest to the top is the red circle, so yes", and for "is there" the word
+    first ("no: red square, blue circle"; a run that listed the shapes first compared the asked pair
+    with its own list at chance). `benchmarks/question_kinds.py` tells the seeing and the yes or no
+    apart (README, "Status")."""
     canvas, objects = _scene(rng, rng.randint(2, 4))
     kind = rng.choice(("exist", "count", "position"))
     if kind == "exist":

@@ -20,10 +20,10 @@ Training-only aids make a model this small learn in minutes what the answer loss
   language model practises reading every cell out in order.
 
 Multiple-choice and yes/no samples are trained on answers their parsers read the same way
-(`benchmark.training_form`): the chosen option's text, and a reason before yes or no ("there are 3
-shapes, so no"). `python benchmarks/question_kinds.py` splits the scores by question kind.
+(`benchmark.training_form`): the chosen option's text, and yes or no with what the model saw ("there
+are 3 shapes, so no"). `python benchmarks/question_kinds.py` splits the scores by question kind.
 
-Training starts with `--vision-steps` steps of the cell loss alone (the language model is not run:
+Training starts with `--vision-steps` steps of the cell and slot losses alone (the language model is not run:
 a step costs a third of a full one), then trains everything. Training runs in fp32: on this CPU
 torch's bf16 matmuls for these shapes are about 30x slower. `--device cuda` trains on a GPU (not
 bit-identical to the CPU run that made the committed weights).
@@ -76,8 +76,8 @@ class CharacterSlotProbe(nn.Module):
 
     Why: the cell loss pulls a token towards a weighted mix of its characters' embeddings, from which
     the language model must tell the second character from the third by weight alone, and a repeated
-    digit not at all; the committed model read 17 % of five-digit numbers right against 99 % of
-    words. Slots make the order a linear feature the language model can copy. The probe is not part
+    digit not at all; a model trained without it read 17 % of five-digit numbers right against 99 %
+    of words. Slots make the order a linear feature the language model can copy. The probe is not part
     of the saved model."""
 
     SLOTS = 4
