@@ -18,6 +18,7 @@ import re
 import torch
 
 from mquant.eval.metrics import parse_option, parse_yes_no
+from mquant.eval.runner import BATCH
 from mquant.models.vlm import load_pretrained
 from mquant.zoo import EMBEDDED_MODEL, benchmark
 
@@ -49,7 +50,7 @@ def main() -> None:
         samples = benchmark.generate(task, "calib", args.n)
         with torch.no_grad():
             # Long enough for the whole training-form answer.
-            predictions = [p for k in range(0, len(samples), 16) for p in vlm.generate(samples[k : k + 16], 24)]
+            predictions = [p for k in range(0, len(samples), BATCH) for p in vlm.generate(samples[k : k + BATCH], 24)]
         for sample, prediction in zip(samples, predictions):
             row = rows[(task, kind(task, sample))]
             row["n"] += 1
