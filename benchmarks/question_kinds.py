@@ -5,7 +5,7 @@
 The benchmark's scores average kinds that a model learns at very different speeds (reading a word
 or a 4-digit number; "is there a ..." or "is the shape closest to the top red"); this splits
 `textread`, `yesno` and `choice` by kind. For `yesno` it also says how often what the embedded
-model says it saw beside its yes or no ("there are 3 shapes, so no", "no: red square, blue circle")
+model says it saw beside its yes or no ("there are 3 shapes, so no", "red square, blue circle, so no")
 is true, and how often the yes or no is right when it is: wrong seeing and wrong comparing apart.
 """
 

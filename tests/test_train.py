@@ -54,6 +54,24 @@ def test_character_slots_keep_order_and_repeats_and_skip_other_cells():
     assert tokens.grad[1].abs().sum() == 0 and tokens.grad[0].abs().sum() > 0  # scene cells not supervised
 
 
+def test_comparison_drills_are_text_only_yes_no_items_scored_on_the_decision_alone():
+    config, tokenizer, processor = build_components()
+    vlm = VLM(FAMILY.model_class(config).eval(), tokenizer, processor, FAMILY, "embedded")
+    drills = next(train.comparison_drills(seed=0, batch_size=24))
+    assert len(drills) == 24 and all(not s.images and "<image>" not in s.text for s in drills)
+    assert {s.answers[0].rsplit(" ", 1)[1] for s in drills} == {"yes", "no"}
+    assert all(any(words in s.text for s in drills) for words in ("Is there", "exactly", "closest to the top"))
+    with torch.no_grad():
+        loss = train.answer_loss(vlm, drills[:3], decision_only=True)
+        by_hand = []
+        for sample in drills[:3]:  # one at a time: no padding; ... decision, <|im_end|>, newline
+            ids = vlm.encode([sample], with_answer=True)["input_ids"][0]
+            logits = vlm.model(**vlm.encode([sample], with_answer=True)).logits[0]
+            by_hand.append(torch.nn.functional.cross_entropy(logits[-4:-3], ids[-3:-2]))
+            assert tokenizer.decode(ids[-3:-2]).strip() == sample.answers[0].rsplit(" ", 1)[1]
+    assert loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-4)
+
+
 def test_training_fast_paths_compute_the_same_function():
     config, tokenizer, processor = build_components()
     model = FAMILY.model_class(config).eval()
@@ -82,7 +100,7 @@ def test_mrope_sections_let_the_language_model_tell_rows_and_columns_apart():
 
 def _train_tiny_run(out, monkeypatch):
     monkeypatch.setattr(train, "quick_eval", lambda vlm: {})  # the calib check generates; not needed here
-    return train.train(out, steps=2, batch_size=4, lr=1e-4, seed=3, eval_every=0, vision_steps=2)
+    return train.train(out, steps=2, batch_size=4, lr=1e-4, seed=3, eval_every=0, vision_steps=2, drills=2)
 
 
 def test_training_is_seeded_and_writes_a_loadable_model(tmp_path, monkeypatch):

@@ -206,11 +206,10 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
     to the top (the wrong colour or shape is that of another shape where there is one, so that only
     the position decides).
 
-    Training answers (`training_form`) give yes or no with what the model saw: "there are 3 shapes,
-    so no", "the shape closest to the top is the red circle, so yes", and for "is there" the word
-    first ("no: red square, blue circle"; a run that listed the shapes first compared the asked pair
-    with its own list at chance). `benchmarks/question_kinds.py` tells the seeing and the yes or no
-    apart (README, "Status")."""
+    Training answers (`training_form`) say what the model saw, then yes or no: "there are 3 shapes,
+    so no", "the shape closest to the top is the red circle, so yes", "red square, blue circle, so
+    no" (the comparison after "so" is also drilled on text alone: `train.comparison_drills`).
+    `benchmarks/question_kinds.py` tells the seeing and the yes or no apart (README, "Status")."""
     canvas, objects = _scene(rng, rng.randint(2, 4))
     kind = rng.choice(("exist", "count", "position"))
     if kind == "exist":
@@ -218,7 +217,7 @@ def gen_yesno(rng: random.Random, split: str, i: int) -> list[Sample]:
         c, s = _absent(rng, objects)
         yes, no = f"Is there {_a(o['color'])} {o['shape']}?", f"Is there {_a(c)} {s}?"
         seen = ", ".join(f"{x['color']} {x['shape']}" for x in _reading_order(objects))
-        answers = f"yes: {seen}", f"no: {seen}"
+        answers = f"{seen}, so yes", f"{seen}, so no"
     elif kind == "count":
         n = len(objects)
         wrong = rng.choice([k for k in range(1, 6) if k != n])
