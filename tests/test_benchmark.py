@@ -93,7 +93,7 @@ def test_yes_no_training_answers_say_what_the_scene_shows():
             assert trained == f"there are {len(shapes)} shapes, so {truth}"
             kinds.add("count")
         else:
-            assert trained == f"{truth}: " + ", ".join(f"{c} {k}" for c, k, _, _ in shapes)
+            assert trained == ", ".join(f"{c} {k}" for c, k, _, _ in shapes) + f", so {truth}"
             asked = tuple(re.search(r"Is there an? (\w+) (\w+)\?", sample.text).groups())
             assert (asked in [s[:2] for s in shapes]) == (truth == "yes")
             kinds.add("exist")
