@@ -65,8 +65,8 @@ def test_comparison_drills_are_text_only_yes_no_items_scored_on_the_decision_alo
         loss = train.answer_loss(vlm, drills[:3], decision_only=True)
         by_hand = []
         for sample in drills[:3]:  # one at a time: no padding; ... decision, <|im_end|>, newline
-            ids = vlm.encode([sample], with_answer=True)["input_ids"][0]
-            logits = vlm.model(**vlm.encode([sample], with_answer=True)).logits[0]
+            batch = vlm.encode([sample], with_answer=True)
+            ids, logits = batch["input_ids"][0], vlm.model(**batch).logits[0]
             by_hand.append(torch.nn.functional.cross_entropy(logits[-4:-3], ids[-3:-2]))
             assert tokenizer.decode(ids[-3:-2]).strip() == sample.answers[0].rsplit(" ", 1)[1]
     assert loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-4)
