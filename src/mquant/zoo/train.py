@@ -1,4 +1,4 @@
-"""Train the embedded model: `python -m mquant.zoo.train` (seeded; 30-40 minutes on 2 CPU cores).
+"""Train the embedded model: `python -m mquant.zoo.train` (seeded; about 40 minutes on 2 CPU cores).
 
 The model learns every benchmark task from the `train` split, streamed (no sample is repeated).
 Answers are produced by generation, so the main loss is next-token cross-entropy on the answer
