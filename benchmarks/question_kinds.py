@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
 
 import torch
 
@@ -33,10 +32,9 @@ def kind(task: str, sample) -> str:
     return next(name for name, words in KINDS[task] if words in sample.text)
 
 
-def _without_yes_no(answer: str) -> str:
-    """What a yes/no training-form answer says it saw ("there are 3 shapes, so no" -> "there are 3
-    shapes, so"), to compare with the true one."""
-    return re.sub(r"\b(yes|no)\b", "", answer.strip()).strip(" :")
+def _seen(answer: str) -> str:
+    """What a yes/no training-form answer says it saw: the part before ", so yes/no"."""
+    return answer.strip().rpartition(", so ")[0]
 
 
 def main() -> None:
@@ -59,7 +57,7 @@ def main() -> None:
                 row["right"] += prediction.strip().lower() == truth.lower()
             elif task == "yesno":
                 row["right"] += parse_yes_no(prediction) == truth
-                seen = _without_yes_no(prediction) == _without_yes_no(benchmark.training_form(sample).answers[0])
+                seen = _seen(prediction) == _seen(benchmark.training_form(sample).answers[0])
                 row["seen right"] += seen
                 row["right, seen right"] += seen and parse_yes_no(prediction) == truth
             else:

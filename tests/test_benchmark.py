@@ -67,7 +67,7 @@ def test_choice_and_yes_no_are_trained_on_answers_their_parsers_read():
         assert (trained.text, trained.images) == (sample.text, sample.images)
     for sample in benchmark.generate("yesno", "train", 40):
         trained = benchmark.training_form(sample).answers[0]
-        assert parse_yes_no(trained) == sample.answers[0]
+        assert parse_yes_no(trained) == sample.answers[0] and trained.endswith(", so " + sample.answers[0])
     other = benchmark.generate("digits", "train", 1)[0]
     assert benchmark.training_form(other) is other
 

@@ -68,8 +68,9 @@ def answer_loss(vlm: VLM, samples, decision_only: bool = False) -> torch.Tensor:
     last = ids.shape[1] - len(vlm.tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]) + 1
     losses = []
     for row, sample in enumerate(samples):
-        start, end = last - 2, last - 1
-        if not decision_only:
+        if decision_only:  # the answer's last token, not the end-of-turn token after it
+            start, end = last - 2, last - 1
+        else:
             start, end = last - 1 - len(vlm.tokenizer(sample.answers[0], add_special_tokens=False)["input_ids"]), last
         losses.append(F.cross_entropy(logits[row, start - 1 : end - 1].float(), ids[row, start:end]))
     return torch.stack(losses).mean()
