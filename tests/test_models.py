@@ -4,7 +4,7 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from mquant.errors import MquantError
 from mquant.eval.registry import get_task
-from mquant.models.registry import family_for_architectures
+from mquant.models.registry import composition_for_architectures
 from mquant.models.vlm import load_pretrained
 from mquant.pipeline.calib import synthetic_samples
 from mquant.pipeline.capture import capture_block_inputs, replay
@@ -12,7 +12,7 @@ from mquant.pipeline.capture import capture_block_inputs, replay
 
 def test_unknown_architecture_is_a_one_line_error():
     with pytest.raises(MquantError) as info:
-        family_for_architectures(["BertForMaskedLM"])
+        composition_for_architectures(["BertForMaskedLM"])
     assert "supported families: qwen2_vl" in str(info.value) and "llava" in str(info.value)
     assert "\n" not in str(info.value)
 

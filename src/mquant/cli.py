@@ -33,8 +33,11 @@ def _check_device(device: str) -> str:
 def cmd_tiny(args) -> None:
     from mquant.models.tiny import write_tiny
 
-    out = write_tiny(args.arch, args.out, seed=args.seed)
-    print(f"wrote a tiny {args.arch} model to {out}")
+    from mquant.models.registry import family_by_name
+
+    tower, decoder = family_by_name(args.arch).by_name(args.vision, args.text)
+    out = write_tiny(args.arch, args.out, seed=args.seed, tower=args.vision, decoder=args.text)
+    print(f"wrote a tiny {args.arch} model ({tower.name} + {decoder.name}) to {out}")
 
 
 def cmd_quantize(args) -> None:
@@ -201,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("arch", choices=FAMILY_NAMES, help="model family")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    t.add_argument("--vision", help="vision tower of a composed family (llava: clip, siglip, dinov2, "
+                                    "dinov2-registers; default the first)")
+    t.add_argument("--text", help="decoder of a composed family (llava: llama, qwen2, mistral; default the first)")
     t.set_defaults(func=cmd_tiny)
 
     q = sub.add_parser("quantize", help="quantize a model with a recipe",

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from mquant.errors import MquantError
-from mquant.models.registry import family_by_name
 from mquant.models.tokenizer import build_tokenizer, token_ids
 from mquant.models.vlm import VLM
 
@@ -68,9 +67,8 @@ PRESETS = {
 # -- the model ---------------------------------------------------------------------------------
 def build_model(p: Preset, seed: int = 0) -> VLM:
     """A randomly initialised Qwen2-VL of the preset's shape, with the project's offline tokenizer."""
-    from mquant.models.qwen2_vl import small_config
+    from mquant.models.qwen2_vl import FAMILY as family, small_config
 
-    family = family_by_name("qwen2_vl")
     tokenizer = build_tokenizer(family)
     config = small_config(token_ids(tokenizer), hidden=p.hidden, intermediate=p.intermediate, layers=p.layers,
                           heads=p.heads, kv_heads=p.kv_heads, mrope_section=list(p.mrope_section),

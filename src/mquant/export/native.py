@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 from mquant.errors import MquantError
 from mquant.fileio import atomic_directory, write_json_atomic, write_text_atomic
 from mquant.modality.msq import attach_modality_state, per_modality_layers
-from mquant.models.registry import family_for_architectures
+from mquant.models.registry import family_for_config
 from mquant.models.vlm import VLM
 from mquant.recipe import Recipe
 from mquant.transforms.apply import apply_runtime
@@ -90,7 +90,7 @@ def load_quantized(path: str | os.PathLike) -> VLM:
     path = Path(path)
     manifest = _read_manifest(path)
     config = AutoConfig.from_pretrained(path)
-    family = family_for_architectures(config.architectures)
+    family = family_for_config(config)
     if family.name != manifest.get("family"):
         raise MquantError(f"{path}: manifest family {manifest.get('family')!r} does not match config ({family.name})")
     torch.manual_seed(0)  # every tensor is overwritten below; this only makes init cheap to reason about

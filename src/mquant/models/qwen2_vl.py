@@ -6,19 +6,11 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-from mquant.models.layouts import DECODER_LAYER, processor_from_dir
-from mquant.models.spec import AttentionLayout, BlockLayout, ModelFamily, Part, Segment
-
-VISION_BLOCK = BlockLayout(
-    groups=(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",)),
-    norm_readers=(("norm1", ("attn.qkv",)), ("norm2", ("mlp.fc1",))),
-    residual_writers=("attn.proj", "mlp.fc2"),
-    attention=AttentionLayout(v="attn.qkv", o="attn.proj", v_rows="last-third"),
-    online_hadamard=("mlp.fc2",),
-)
-PATCH_EMBED = BlockLayout(groups=(("proj",),), residual_writers=("proj",))
-MERGER = BlockLayout(groups=(("mlp.0",), ("mlp.2",)), norm_readers=(("ln_q", ("mlp.0",)),),
-                     residual_writers=("mlp.2",), norm_chunks=4)
+from mquant.models.connectors import QWEN2_VL_MERGER
+from mquant.models.decoders import QWEN2_VL_TEXT
+from mquant.models.layouts import processor_from_dir
+from mquant.models.pieces import Composition
+from mquant.models.towers import QWEN2_VL_VIT
 
 
 class Qwen2VLImages:
@@ -63,7 +55,7 @@ def small_config(ids: dict[str, int], *, hidden: int, intermediate: int, layers:
     )
 
 
-def _tiny_config(ids: dict[str, int]) -> Qwen2VLConfig:
+def _tiny_config(ids: dict[str, int], tower=None, decoder=None) -> Qwen2VLConfig:
     # Widths deliberately not powers of two (48 = 3·16, 40 = 5·8), as in real models.
     return small_config(ids, hidden=48, intermediate=96, layers=2, heads=4, kv_heads=2, mrope_section=[2, 2, 2],
                         vision=dict(depth=2, embed_dim=40, num_heads=2, mlp_ratio=2))
@@ -77,17 +69,16 @@ CHAT_TEMPLATE = (
     "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-FAMILY = ModelFamily(
+COMPOSITION = Composition(
     name="qwen2_vl",
     architectures=("Qwen2VLForConditionalGeneration",),
     model_class=Qwen2VLForConditionalGeneration,
-    parts=(
-        Part("vision", (Segment("model.visual.patch_embed", PATCH_EMBED, repeated=False),
-                        Segment("model.visual.blocks", VISION_BLOCK))),
-        Part("projector", (Segment("model.visual.merger", MERGER, repeated=False),)),
-        Part("language", (Segment("model.language_model.layers", DECODER_LAYER),)),
-    ),
-    images=Qwen2VLImages(),
+    towers=(QWEN2_VL_VIT,),
+    connector=QWEN2_VL_MERGER,
+    decoders=(QWEN2_VL_TEXT,),
+    tower_path="model.visual",
+    connector_path="model.visual.merger",
+    images=lambda tower: Qwen2VLImages(),
     image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
     default_chat_template=CHAT_TEMPLATE,
     special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -95,7 +86,8 @@ FAMILY = ModelFamily(
     eos_token="<|im_end|>",
     pad_token="<|endoftext|>",
     extra_text_inputs=_mm_token_type_ids,
-    vision_stream_closed=True,
     tiny_config=_tiny_config,
     tiny_image_size=56,
 )
+# Every Qwen2-VL checkpoint has the same pieces, so the family does not depend on the config.
+FAMILY = COMPOSITION.compose(QWEN2_VL_VIT, QWEN2_VL_TEXT, None)

@@ -16,6 +16,10 @@ from torch import nn
 PartName = Literal["vision", "projector", "language"]
 
 
+def join_path(prefix: str, path: str) -> str:
+    return ".".join(p for p in (prefix, path) if p)
+
+
 @dataclass(frozen=True)
 class AttentionLayout:
     """Where a block's value and output projections are (for the per-head rotation R2).
@@ -48,6 +52,13 @@ class BlockLayout:
     # A reader behind a norm may see `norm_chunks` normalized tokens concatenated (a token-merging
     # projector such as Qwen2-VL's merger: 4 tokens of 1280 -> one row of 5120).
     norm_chunks: int = 1
+    # Layer-scale (x + λ ⊙ f(x), DINOv2/InternViT): (writer, the parameter λ that scales its output).
+    # Folded into the writer (W ← diag(λ)W, b ← λ ⊙ b, λ ← 1) before the stream is transformed.
+    layer_scales: tuple[tuple[str, str], ...] = ()
+    # Parameters added into the stream as they are (class/register tokens, position tables, stored
+    # [..., width]): the stream transforms treat them like writers (p ← pQ, p ← p - mean(p)).
+    # A declared parameter that the checkpoint does not have (e.g. an unused mask token) is skipped.
+    stream_embeddings: tuple[str, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -66,6 +77,10 @@ class Segment:
     path: str
     layout: BlockLayout
     repeated: bool = True
+
+    def under(self, prefix: str) -> "Segment":
+        """The same segment seen from a module `prefix` levels up (descriptions compose)."""
+        return Segment(join_path(prefix, self.path), self.layout, self.repeated)
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         module = model.get_submodule(self.path)
@@ -109,24 +124,38 @@ class ModelFamily:
         default=lambda input_ids, config: {}
     )
     # True when the vision stream is written only by the declared residual writers and read only
-    # through the declared norms, so LN2RN is exact as it stands. CLIP towers are not: a norm at the
-    # start of the stream (pre_layrnorm) and a raw reader (LLaVA reads layer -2) need more surgery.
+    # through the declared norms, so LN2RN can bake the mean out of it. A stream is open when a norm
+    # starts it (CLIP's pre_layrnorm) or a linear reads it raw (LLaVA's projector reads a hidden
+    # state with no norm between): then it keeps its mean (ALGORITHMS.md §5.3-5.4).
     vision_stream_closed: bool = False
-    # An open LayerNorm stream (ALGORITHMS.md §5.3-5.4): the norm whose output is the stream, and the
-    # linears that read the stream raw (no norm between), each with how many stream vectors it
-    # reads side by side (from the config, e.g. LLaVA may concatenate several feature layers).
+    # The norm whose output is the stream (an open stream's start), if any, and the linears that read
+    # the stream raw, each with how many stream vectors it reads side by side (LLaVA may concatenate
+    # several feature layers).
     vision_stream_start: str | None = None
-    vision_raw_readers: Callable[[Any], tuple[tuple[str, int], ...]] = field(default=lambda config: ())
+    vision_raw_readers: tuple[tuple[str, int], ...] = ()
     # The language model (its prefill is reordered by AIFS), its final norm and output head (the
     # head reads the residual stream).
     language_model: str = "model.language_model"
     final_norm: str = "model.language_model.norm"
     lm_head: str = "lm_head"
-    tiny_config: Callable[[dict[str, int]], Any] | None = None
-    tiny_image_size: int = 56
+    # What the family is made of ("dinov2 + llava-mlp + llama"), for messages and reports.
+    pieces: str = ""
 
     def image_token_id(self, config: Any) -> int:
         return int(config.image_token_id)
+
+    def stream_embeddings(self, model: nn.Module, part: str) -> list[nn.Parameter]:
+        """The parameters the part's segments add into its stream as they are (declared in
+        `BlockLayout.stream_embeddings`; those the checkpoint does not have are skipped)."""
+        found = []
+        for segment in self.part(part).segments:
+            for _, block in segment.blocks(model):
+                for name in segment.layout.stream_embeddings:
+                    owner, _, attr = name.rpartition(".")
+                    param = getattr(block.get_submodule(owner) if owner else block, attr, None)
+                    if param is not None:
+                        found.append(param)
+        return found
 
     def part(self, name: str) -> Part:
         for p in self.parts:

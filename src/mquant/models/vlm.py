@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from mquant.errors import MquantError
-from mquant.models.registry import family_for_architectures
+from mquant.models.registry import family_for_config
 from mquant.models.spec import ModelFamily
 from mquant.samples import Sample
 
@@ -113,7 +113,7 @@ def read_config(path: str | Path) -> dict:
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> VLM:
     """Load a floating-point Hugging Face checkpoint of a supported family (safetensors only)."""
     path = str(path)
-    family = family_for_architectures(read_config(path).get("architectures"))
+    family = family_for_config(read_config(path))
     if not any(Path(path).glob("*.safetensors")):
         raise MquantError(f"{path}: no .safetensors weights (pickled checkpoints are not loaded)")
     model = family.model_class.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()

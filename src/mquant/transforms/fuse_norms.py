@@ -1,8 +1,11 @@
-"""Fold RMSNorm gains into the linears that read the norm's output (ALGORITHMS.md §3.2).
+"""Fold RMSNorm gains into the linears that read the norm's output (ALGORITHMS.md §3.2), and
+layer scales into the linears whose output they scale (§5.2).
 
 RMSN_γ(h) = γ ⊙ h / rms(h), so every reader W behind the norm can absorb the gain: W ← W·diag(γ),
 γ ← 1. The function is unchanged, and the norm becomes weightless — the precondition for rotating
-the residual stream. Fusions run in float64 and are cast back.
+the residual stream. A layer scale (x + λ ⊙ f(x), DINOv2) likewise goes into f's last linear:
+W ← diag(λ)·W, b ← λ ⊙ b, λ ← 1, so that the linear alone writes the stream. Fusions run in
+float64 and are cast back.
 """
 
 from __future__ import annotations
@@ -58,4 +61,25 @@ def fold_norm_gains(model: nn.Module, family: ModelFamily, parts: tuple[str, ...
         untie_lm_head(model, family)
         fold_gain(model.get_submodule(family.final_norm), [model.get_submodule(family.lm_head)])
         folded += 1
+    return folded
+
+
+@torch.no_grad()
+def fold_layer_scales(model: nn.Module, family: ModelFamily, parts: tuple[str, ...] = ("vision",)) -> int:
+    """Fold every declared (writer, λ) layer scale in `parts`; returns how many were folded."""
+    folded = 0
+    for part in family.parts:
+        if part.name not in parts:
+            continue
+        for segment in part.segments:
+            for _, block in segment.blocks(model):
+                for writer_name, scale_name in segment.layout.layer_scales:
+                    lam = block.get_parameter(scale_name)
+                    writer = block.get_submodule(writer_name)
+                    scale = lam.double().reshape(-1, *([1] * (writer.weight.dim() - 1)))
+                    writer.weight.copy_((writer.weight.double() * scale).to(writer.weight.dtype))
+                    if writer.bias is not None:
+                        writer.bias.copy_((writer.bias.double() * lam.double()).to(writer.bias.dtype))
+                    lam.fill_(1.0)
+                    folded += 1
     return folded

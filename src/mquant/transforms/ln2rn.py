@@ -7,11 +7,12 @@ readers (b ← b + Wβ, W ← W·diag(γ)) then leaves a weightless RMSNorm, whi
 A token-merging reader (Qwen2-VL's merger) is folded chunk by chunk.
 
 That needs a *closed* stream: one whose writers can all be mean-baked and whose every reader sits
-behind a norm. CLIP (LLaVA) is open: its stream starts at a LayerNorm (`pre_layrnorm`, whose gain
-and shift live in the stream) and the projector reads a hidden state raw, so mean-baking would
-change what it reads (§5.3-5.4). There the stream keeps its mean: γ, β are folded into the readers,
-each LayerNorm becomes a weightless centring norm, and the stream-start norm becomes a weightless
-norm followed by an FP linear writer (diag γ, β). Rotating such a stream by a Q whose first column
+behind a norm. LLaVA's towers are open: CLIP's stream starts at a LayerNorm (`pre_layrnorm`, whose
+gain and shift live in the stream), and with every tower the projector reads a hidden state raw, so
+mean-baking would change what it reads (§5.3-5.4). There the stream keeps its mean: γ, β are folded into the readers,
+each LayerNorm becomes a weightless centring norm, and a stream-start norm becomes a weightless
+norm followed by an FP linear writer (diag γ, β); towers without one (SigLIP, DINOv2) start their
+stream with the patch embedding and the additive embeddings (class token, position table). Rotating such a stream by a Q whose first column
 is 1/sqrt(d) puts sqrt(d)·mean in channel 0, where a centring norm becomes a masked RMSNorm (drop
 channel 0, divide by the RMS over all d channels): exact, and rotation-friendly.
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mquant.models.spec import ModelFamily
+from mquant.transforms.fuse_norms import fold_layer_scales
 
 
 class WeightlessRMSNorm(nn.Module):
@@ -107,22 +109,35 @@ def fold_layer_norm(norm: nn.LayerNorm, readers: list[nn.Module], chunks: int = 
         linear.weight.copy_((w * gamma.repeat(chunks)).to(linear.weight.dtype))
 
 
+@torch.no_grad()
+def bake_mean_embedding(param: nn.Parameter) -> None:
+    """Make an additive stream embedding (class token, position table) zero-mean over channels."""
+    p = param.double()
+    param.copy_((p - p.mean(dim=-1, keepdim=True)).to(param.dtype))
+
+
 def ln2rn_vision(model: nn.Module, family: ModelFamily) -> int:
     """Apply LN2RN to the vision encoder and the norm-led projector. Returns the number of norms
     replaced: by weightless RMSNorms on a closed stream (writers mean-baked), by centring norms on
-    an open one (see the module docstring)."""
-    if not family.vision_stream_closed and family.vision_stream_start is None:
-        raise NotImplementedError(f"LN2RN for the {family.name} vision tower is not implemented: declare its "
-                                  "stream closed or name the norm its stream starts at")
+    an open one (see the module docstring). Layer scales are folded into their writers first."""
+    first = family.part("vision").segments[0].layout
+    if family.vision_stream_start is None and not (first.residual_writers or first.stream_embeddings):
+        raise NotImplementedError(f"LN2RN for the {family.name} vision tower ({family.pieces}) is not implemented: "
+                                  "its stream's start is not declared (a stream-start norm, or writers of the "
+                                  "first segment)")
+    fold_layer_scales(model, family, ("vision",))
     if family.vision_stream_closed:
         for segment in family.part("vision").segments:
             for _, block in segment.blocks(model):
                 for name in segment.layout.residual_writers:
                     bake_mean(block.get_submodule(name))
+        for param in family.stream_embeddings(model, "vision"):
+            bake_mean_embedding(param)
         replacement = WeightlessRMSNorm
     else:
-        model.set_submodule(family.vision_stream_start,
-                            StreamStart.from_layer_norm(model.get_submodule(family.vision_stream_start)))
+        if family.vision_stream_start is not None:
+            model.set_submodule(family.vision_stream_start,
+                                StreamStart.from_layer_norm(model.get_submodule(family.vision_stream_start)))
         replacement = CenteringNorm
     replaced = 0
     for part in ("vision", "projector"):

@@ -85,9 +85,9 @@ def rotate_stream(model: nn.Module, family: ModelFamily, stream: str, Q: torch.T
     """Rotate the `language` (R1) or `vision` (R1ᵥ) residual stream by Q.
 
     Language: written by the embedding, the projector's output linear and the decoder layers' writers;
-    read by the decoder layers' norms and the output head. Vision: written by the patch embedding and
-    the blocks' writers; read by the blocks' norms and the projector's norm (token-merging readers
-    take I_k ⊗ Q)."""
+    read by the decoder layers' norms and the output head. Vision: written by the patch embedding,
+    the additive embeddings (class token, position table: p ← pQ) and the blocks' writers; read by the
+    blocks' norms, the projector's norm (token-merging readers take I_k ⊗ Q) and raw readers."""
     if stream == "language":
         readers = _readers(model, family, "language") + [(model.get_submodule(family.lm_head), 1)]
         writers = _writers(model, family, "language") + _writers(model, family, "projector")
@@ -95,10 +95,13 @@ def rotate_stream(model: nn.Module, family: ModelFamily, stream: str, Q: torch.T
         embed.weight.copy_((embed.weight.double() @ Q).to(embed.weight.dtype))
     elif stream == "vision":
         readers = _readers(model, family, "vision") + _readers(model, family, "projector")
-        readers += [(model.get_submodule(name), chunks) for name, chunks in family.vision_raw_readers(model.config)]
+        readers += [(model.get_submodule(name), chunks) for name, chunks in family.vision_raw_readers]
         writers = _writers(model, family, "vision")
         if not family.vision_stream_closed:
-            writers.append(_open_stream_start(model, family, Q))
+            start = _open_stream_start(model, family, Q)
+            writers += [start] if start is not None else []
+        for param in family.stream_embeddings(model, "vision"):
+            param.copy_((param.double() @ Q).to(param.dtype))
     else:
         raise ValueError(f"unknown stream {stream!r}")
     for module, chunks in readers:
@@ -107,13 +110,14 @@ def rotate_stream(model: nn.Module, family: ModelFamily, stream: str, Q: torch.T
         rotate_writer(module, Q)
 
 
-def _open_stream_start(model: nn.Module, family: ModelFamily, Q: torch.Tensor) -> nn.Module:
+def _open_stream_start(model: nn.Module, family: ModelFamily, Q: torch.Tensor) -> nn.Module | None:
     """Prepare an open (centring-normed) vision stream for Q: its centring norms become masked
-    RMSNorms, which needs Q's first column to be 1/sqrt(d). Returns the stream-start writer."""
+    RMSNorms, which needs Q's first column to be 1/sqrt(d). Returns the stream-start writer, if the
+    stream starts at a norm."""
     from mquant.transforms.ln2rn import CenteringNorm, MaskedRMSNorm, StreamStart
 
     start = model.get_submodule(family.vision_stream_start) if family.vision_stream_start else None
-    if not isinstance(start, StreamStart):
+    if start is not None and not isinstance(start, StreamStart):
         raise ValueError("the vision stream still starts at a LayerNorm: apply LN2RN before rotating it")
     d = Q.shape[0]
     if not torch.allclose(Q[:, 0], torch.full((d,), d**-0.5, dtype=Q.dtype)):
@@ -125,7 +129,10 @@ def _open_stream_start(model: nn.Module, family: ModelFamily, Q: torch.Tensor) -
                     norm = block.get_submodule(norm_name)
                     if isinstance(norm, CenteringNorm):
                         block.set_submodule(norm_name, MaskedRMSNorm(norm.eps))
-    return start.writer
+                    elif not isinstance(norm, MaskedRMSNorm):
+                        raise ValueError(f"{norm_name} is a {type(norm).__name__}: apply LN2RN before rotating "
+                                         "an open vision stream")
+    return start.writer if start is not None else None
 
 
 def head_rotation(head_dim: int, seed: int | None) -> torch.Tensor:
