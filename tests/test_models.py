@@ -72,3 +72,35 @@ def test_subword_tokenizer_round_trips_and_keeps_digits_single():
     assert tok.decode(ids) == text
     assert len(tok(" circle", add_special_tokens=False)["input_ids"]) == 1  # a word with its space
     assert len(tok("90210", add_special_tokens=False)["input_ids"]) == 5
+
+
+STRING_ONLY_TEMPLATE = (  # SmolLM2-Instruct's template: `+ message['content'] +` fails on a list
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_string_only_chat_template_gets_the_image_prompt_in_its_text(tiny_dirs):
+    import warnings
+
+    vlm = load_pretrained(tiny_dirs["llava"])
+    vlm.tokenizer.chat_template = STRING_ONLY_TEMPLATE
+    sample = get_task("digits").make_samples(1)[0]
+    with pytest.warns(UserWarning, match="does not take image content"):
+        ids = vlm.prompt_ids(sample, with_answer=False)
+    text = vlm.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\n<image>\nWhich digit") and text.endswith("<|im_start|>assistant\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per sample
+        batch = vlm.encode([sample], with_answer=True)
+    with torch.no_grad():
+        assert torch.isfinite(vlm.model(**batch).logits).all()
+
+
+def test_unusable_chat_template_falls_back_to_the_family_template(tiny_dirs):
+    vlm = load_pretrained(tiny_dirs["llava"])
+    vlm.tokenizer.chat_template = "{{ messages[0]['content'] + 1 }}"  # fails on any content
+    sample = get_task("digits").make_samples(1)[0]
+    with pytest.warns(UserWarning, match="using mquant's llava template"):
+        ids = vlm.prompt_ids(sample, with_answer=False)
+    assert vlm.tokenizer.decode(ids).startswith("USER: <image>\n\nWhich digit")

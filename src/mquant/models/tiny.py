@@ -34,8 +34,8 @@ def write_tiny(family_name: str, out: str | Path, seed: int = 0, tower: str | No
 
 @torch.no_grad()
 def _spread_gains(model: torch.nn.Module, family: ModelFamily, seed: int) -> None:
-    """Randomise norm gains/biases (initialised to 1/0) and layer scales (a constant), so that tests
-    of norm and layer-scale folding and smoothing are not trivially passed by identity gains."""
+    """Randomise norm gains/biases (initialised to 1/0), layer scales (a constant) and all-zero stream
+    embeddings, so that tests of folding, smoothing and rotation are not passed trivially."""
     g = torch.Generator().manual_seed(seed + 1)
     for name, module in model.named_modules():
         if "norm" in type(module).__name__.lower() or "norm" in name.split(".")[-1]:
@@ -49,3 +49,7 @@ def _spread_gains(model: torch.nn.Module, family: ModelFamily, seed: int) -> Non
                 for _, scale in segment.layout.layer_scales:
                     lam = block.get_parameter(scale)
                     lam.copy_(lam * (1 + 0.5 * torch.randn(lam.shape, generator=g)))
+        # Stream embeddings initialised to zero (register tokens) would pass any rotation test.
+        for param in family.stream_embeddings(model, part.name):
+            if not param.any():
+                param.copy_(0.5 * torch.randn(param.shape, generator=g))

@@ -22,7 +22,8 @@ class PatchGeometry:
     @classmethod
     def of(cls, conv: nn.Module) -> "PatchGeometry":
         k, s = tuple(conv.kernel_size), tuple(conv.stride)
-        padding = conv.padding if isinstance(conv.padding, tuple) else (conv.padding,)
+        # "valid" (SigLIP) is PyTorch's name for no padding.
+        padding = (0,) if conv.padding == "valid" else tuple(conv.padding)
         if k != s or any(padding) or any(d != 1 for d in conv.dilation) or conv.groups != 1:
             raise MquantError(f"only patch convolutions (kernel == stride, no padding) can be quantized, got {conv}")
         return cls(k)
