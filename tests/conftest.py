@@ -26,7 +26,10 @@ def _quiet_and_deterministic():
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {f: write_tiny(f, root / f, seed=0) for f in FAMILIES}
+    dirs = {f: write_tiny(f, root / f, seed=0) for f in FAMILIES}
+    # A composed LLaVA of another tower and decoder (tests/test_compositions.py covers every pair).
+    dirs["llava-dinov2"] = write_tiny("llava", root / "llava-dinov2", seed=0, tower="dinov2", decoder="qwen2")
+    return dirs
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,14 @@ quantized set (their weights keep their quantized values, their inputs are no lo
 - a rotated vision stream (it needs LN2RN's RMSNorms, the original has LayerNorms): every linear
   that reads or writes the stream becomes float and the rotation is undone (`rotate_stream` with Qᵀ);
   linears whose weights the undoing leaves unchanged stay quantized;
-- weightless norms (folded gains, LN2RN) become the family's own norm modules with unit gain and
-  zero bias. On the language stream (still rotated) an RMSNorm of unit gain is the same function.
-  On the vision stream a LayerNorm also removes the mean, which LN2RN's mean-free writers no longer
-  have exactly once quantized: the plain model differs from the native one by that much, and the
-  export's accuracy is measured rather than assumed.
+  an open stream (LLaVA's towers: the projector reads it raw) is rotated back out of its masked
+  basis, and its stream-start writer, diagonal again, becomes the LayerNorm it came from;
+- weightless and centring norms (folded gains, LN2RN) become the family's own norm modules with
+  unit gain and zero bias (a centring norm is exactly such a LayerNorm). On the language stream
+  (still rotated) an RMSNorm of unit gain is the same function.
+  On a closed vision stream a LayerNorm also removes the mean, which LN2RN's mean-free writers no
+  longer have exactly once quantized: the plain model differs from the native one by that much,
+  and the export's accuracy is measured rather than assumed.
 """
 
 from __future__ import annotations
@@ -29,23 +32,11 @@ from mquant.runtime.online import OnlineHadamardLinear
 from mquant.runtime.qlinear import QuantLinear, quant_linears
 from mquant.transforms.hadamard import FastHadamard, HadamardSpec
 from mquant.transforms.ln2rn import CenteringNorm, MaskedRMSNorm, StreamStart, WeightlessRMSNorm
-from mquant.transforms.rotate import random_hadamard, rotate_stream
-
-# Open vision streams (CLIP) start with an extra FP writer and masked norms: not undone here yet.
-UNSUPPORTED = (StreamStart, CenteringNorm, MaskedRMSNorm)
-
-
-def check_plain_convertible(vlm: VLM) -> None:
-    found = sorted({type(m).__name__ for m in vlm.model.modules() if isinstance(m, UNSUPPORTED)})
-    if found:
-        raise MquantError(f"this checkpoint's open vision stream ({', '.join(found)}) cannot be brought back to "
-                          "the plain architecture yet; use --format native")
-
+from mquant.transforms.rotate import rotate_stream, vision_stream_rotation
 
 @torch.no_grad()
 def to_plain(vlm: VLM) -> list[str]:
     """Convert `vlm.model` in place; returns the names of the layers that left the quantized set."""
-    check_plain_convertible(vlm)
     model = vlm.model
     floated = []
     for name, m in list(model.named_modules()):
@@ -114,7 +105,7 @@ def _unrotate_vision(vlm: VLM) -> list[str]:
     vc = model.config.vision_config
     width = getattr(vc, "embed_dim", None) or vc.hidden_size
     seed = vlm.quant_info["recipe"]["transforms"]["seed"] + 1  # as `transforms.apply._rotate`
-    rotate_stream(model, family, "vision", random_hadamard(width, seed).T)
+    rotate_stream(model, family, "vision", vision_stream_rotation(family, width, seed).T)
     floated = []
     for name, m in originals.items():
         if torch.equal(model.get_submodule(name).weight, before[name]):
@@ -125,11 +116,18 @@ def _unrotate_vision(vlm: VLM) -> list[str]:
 
 
 def _restore_norms(vlm: VLM) -> None:
-    """Weightless norms back to the family's own classes, with unit gain and zero bias."""
+    """Weightless and centring norms back to the family's own classes, with unit gain and zero bias
+    (a centring norm is a LayerNorm of unit gain and zero bias); an open stream's start back to its
+    LayerNorm."""
     with torch.device("meta"):
         skeleton = vlm.family.model_class(vlm.model.config)
     for name, m in list(vlm.model.named_modules()):
-        if type(m) is WeightlessRMSNorm:
+        if isinstance(m, MaskedRMSNorm):
+            raise MquantError(f"{name}: the open vision stream is still rotated; it cannot be exported to the "
+                              "plain architecture")
+        if isinstance(m, StreamStart):
+            vlm.model.set_submodule(name, m.to_layer_norm())
+        elif type(m) in (WeightlessRMSNorm, CenteringNorm):
             norm = skeleton.get_submodule(name).to_empty(device=next(vlm.model.parameters()).device)
             for pname, param in norm.named_parameters():
                 param.requires_grad_(False)

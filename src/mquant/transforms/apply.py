@@ -22,7 +22,7 @@ from mquant.transforms.fuse_norms import fold_norm_gains
 from mquant.transforms.ln2rn import ln2rn_vision
 from mquant.transforms.online import apply_online_hadamard
 from mquant.transforms.rotate import (
-    centred_random_hadamard, random_hadamard, rotate_language_heads, rotate_part_heads, rotate_stream,
+    random_hadamard, rotate_language_heads, rotate_part_heads, rotate_stream, vision_stream_rotation,
 )
 
 STEPS = ("ln2rn", "rotate", "online_hadamard", "rms", "aifs")
@@ -82,8 +82,7 @@ def _rotate(vlm: VLM, scheme, info: dict, batches) -> None:
     heads = getattr(vc, "num_heads", None) or vc.num_attention_heads
     rotate_part_heads(model, family, "vision", heads, heads, width // heads, seed=scheme.seed + 2)
     if info["ln2rn"]:
-        Q = (random_hadamard if family.vision_stream_closed else centred_random_hadamard)(width, scheme.seed + 1)
-        rotate_stream(model, family, "vision", Q)
+        rotate_stream(model, family, "vision", vision_stream_rotation(family, width, scheme.seed + 1))
         info["rotated_streams"].append("vision")
     else:
         _skip(info, "the vision stream is not rotated: it still has LayerNorms (LN2RN off or unavailable)")

@@ -78,6 +78,18 @@ class StreamStart(nn.Module):
         module.writer.bias.copy_(norm.bias)
         return module
 
+    @torch.no_grad()
+    def to_layer_norm(self) -> nn.LayerNorm:
+        """The LayerNorm this is, once the writer is diagonal again (its stream rotated back)."""
+        w = self.writer.weight.double()
+        gamma = torch.diagonal(w)
+        if (w - torch.diag(gamma)).abs().max() > 1e-6 * w.abs().max():
+            raise ValueError("the stream-start writer is not diagonal: rotate the stream back first")
+        norm = nn.LayerNorm(w.shape[0], eps=self.eps).to(self.writer.weight.dtype)
+        norm.weight.copy_(gamma)
+        norm.bias.copy_(self.writer.bias)
+        return norm.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.writer(F.layer_norm(x, (x.shape[-1],), eps=self.eps))
 

@@ -38,6 +38,11 @@ def centred_random_hadamard(n: int, seed: int) -> torch.Tensor:
     return H * signs
 
 
+def vision_stream_rotation(family: ModelFamily, width: int, seed: int) -> torch.Tensor:
+    """R1ᵥ: a random-sign Hadamard; an open LayerNorm stream's must keep 1/sqrt(d) as its first column."""
+    return (random_hadamard if family.vision_stream_closed else centred_random_hadamard)(width, seed)
+
+
 @torch.no_grad()
 def rotate_reader(linear: nn.Module, Q: torch.Tensor, chunks: int = 1) -> None:
     """y = x Wᵀ reads x; with x -> xQ the weight becomes W Q (W (I_chunks ⊗ Q) for a reader of
@@ -111,27 +116,34 @@ def rotate_stream(model: nn.Module, family: ModelFamily, stream: str, Q: torch.T
 
 
 def _open_stream_start(model: nn.Module, family: ModelFamily, Q: torch.Tensor) -> nn.Module | None:
-    """Prepare an open (centring-normed) vision stream for Q: its centring norms become masked
-    RMSNorms, which needs Q's first column to be 1/sqrt(d). Returns the stream-start writer, if the
-    stream starts at a norm."""
+    """Prepare an open (centring-normed) vision stream for Q. Rotated by a Q whose first column is
+    1/sqrt(d), channel 0 holds sqrt(d)·mean and its centring norms become masked RMSNorms; a stream
+    already in that basis is rotated back by a Q whose first *row* is 1/sqrt(d) (the transpose of
+    such a rotation), and its masked norms become centring norms again. Returns the stream-start
+    writer, if the stream starts at a norm."""
     from mquant.transforms.ln2rn import CenteringNorm, MaskedRMSNorm, StreamStart
 
     start = model.get_submodule(family.vision_stream_start) if family.vision_stream_start else None
     if start is not None and not isinstance(start, StreamStart):
         raise ValueError("the vision stream still starts at a LayerNorm: apply LN2RN before rotating it")
+    norms = [(block, name, block.get_submodule(name)) for part in ("vision", "projector")
+             for segment in family.part(part).segments for _, block in segment.blocks(model)
+             for name, _ in segment.layout.norm_readers]
+    for _, name, norm in norms:
+        if not isinstance(norm, (CenteringNorm, MaskedRMSNorm)):
+            raise ValueError(f"{name} is a {type(norm).__name__}: apply LN2RN before rotating an open vision stream")
     d = Q.shape[0]
-    if not torch.allclose(Q[:, 0], torch.full((d,), d**-0.5, dtype=Q.dtype)):
-        raise ValueError("an open LayerNorm stream needs a rotation whose first column is 1/sqrt(d)")
-    for part in ("vision", "projector"):
-        for segment in family.part(part).segments:
-            for _, block in segment.blocks(model):
-                for norm_name, _ in segment.layout.norm_readers:
-                    norm = block.get_submodule(norm_name)
-                    if isinstance(norm, CenteringNorm):
-                        block.set_submodule(norm_name, MaskedRMSNorm(norm.eps))
-                    elif not isinstance(norm, MaskedRMSNorm):
-                        raise ValueError(f"{norm_name} is a {type(norm).__name__}: apply LN2RN before rotating "
-                                         "an open vision stream")
+    uniform = torch.full((d,), d**-0.5, dtype=Q.dtype)
+    masked = bool(norms) and all(isinstance(norm, MaskedRMSNorm) for _, _, norm in norms)
+    if masked and torch.allclose(Q[0], uniform):
+        replacement = CenteringNorm
+    elif not masked and torch.allclose(Q[:, 0], uniform):
+        replacement = MaskedRMSNorm
+    else:
+        raise ValueError("an open LayerNorm stream needs a rotation whose first column is 1/sqrt(d) "
+                         "(or, to rotate it back, whose first row is)")
+    for block, name, norm in norms:
+        block.set_submodule(name, replacement(norm.eps))
     return start.writer if start is not None else None
 
 
