@@ -66,7 +66,7 @@ def test_subword_tokenizer_round_trips_and_keeps_digits_single():
     from mquant.models.qwen2_vl import FAMILY
     from mquant.models.tokenizer import build_subword_tokenizer
 
-    tok = build_subword_tokenizer(FAMILY, ["the red circle is left of the blue square"] * 20 + ["12345 67"], 160)
+    tok = build_subword_tokenizer(FAMILY.chat, ["the red circle is left of the blue square"] * 20 + ["12345 67"], 160)
     text = "The red circle, 90210 and an unseen word: xylophone!\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text

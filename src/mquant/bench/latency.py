@@ -69,7 +69,7 @@ def build_model(p: Preset, seed: int = 0) -> VLM:
     """A randomly initialised Qwen2-VL of the preset's shape, with the project's offline tokenizer."""
     from mquant.models.qwen2_vl import FAMILY as family, small_config
 
-    tokenizer = build_tokenizer(family)
+    tokenizer = build_tokenizer(family.chat)
     config = small_config(token_ids(tokenizer), hidden=p.hidden, intermediate=p.intermediate, layers=p.layers,
                           heads=p.heads, kv_heads=p.kv_heads, mrope_section=list(p.mrope_section),
                           vision=dict(depth=p.vision_layers, embed_dim=p.vision_dim, num_heads=p.vision_heads,

@@ -8,6 +8,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from mquant.models.connectors import LLAVA_MLP
 from mquant.models.decoders import LLAVA_DECODERS
 from mquant.models.pieces import Composition, Decoder, VisionTower
+from mquant.models.spec import ChatFormat
 from mquant.models.towers import LLAVA_TOWERS
 
 
@@ -60,11 +61,8 @@ COMPOSITION = Composition(
     tower_path="model.vision_tower",
     connector_path="model.multi_modal_projector",
     images=LlavaImages,
-    image_prompt="<image>",
-    default_chat_template=CHAT_TEMPLATE,
-    special_tokens=("<pad>", "<s>", "</s>", "<image>"),
-    eos_token="</s>",
-    pad_token="<pad>",
+    chat=ChatFormat(image_prompt="<image>", default_chat_template=CHAT_TEMPLATE,
+                    special_tokens=("<pad>", "<s>", "</s>", "<image>"), eos_token="</s>", pad_token="<pad>"),
     tiny_config=_tiny_config,
     tiny_image_size=28,
 )

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from mquant.errors import MquantError
-from mquant.models.spec import BlockLayout, ImageInputs, ModelFamily, Part, Segment, join_path
+from mquant.models.spec import BlockLayout, ChatFormat, ImageInputs, ModelFamily, Part, Segment, join_path
 
 
 def config_value(config: Any, key: str, default: Any = None) -> Any:
@@ -81,11 +81,7 @@ class Composition:
     tower_path: str
     connector_path: str
     images: Callable[[VisionTower], ImageInputs]
-    image_prompt: str
-    default_chat_template: str
-    special_tokens: tuple[str, ...]
-    eos_token: str
-    pad_token: str
+    chat: ChatFormat
     extra_text_inputs: Callable[[torch.Tensor, Any], dict[str, torch.Tensor]] = field(
         default=lambda input_ids, config: {}
     )
@@ -145,11 +141,7 @@ class Composition:
                 Part("language", (language,)),
             ),
             images=self.images(tower),
-            image_prompt=self.image_prompt,
-            default_chat_template=self.default_chat_template,
-            special_tokens=self.special_tokens,
-            eos_token=self.eos_token,
-            pad_token=self.pad_token,
+            chat=self.chat,
             extra_text_inputs=self.extra_text_inputs,
             vision_stream_closed=tower.stream_start is None and not raw_readers,
             vision_stream_start=join_path(self.tower_path, tower.stream_start) if tower.stream_start else None,

@@ -10,6 +10,7 @@ from mquant.models.connectors import QWEN2_VL_MERGER
 from mquant.models.decoders import QWEN2_VL_TEXT
 from mquant.models.layouts import processor_from_dir
 from mquant.models.pieces import Composition
+from mquant.models.spec import ChatFormat
 from mquant.models.towers import QWEN2_VL_VIT
 
 
@@ -79,12 +80,10 @@ COMPOSITION = Composition(
     tower_path="model.visual",
     connector_path="model.visual.merger",
     images=lambda tower: Qwen2VLImages(),
-    image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
-    default_chat_template=CHAT_TEMPLATE,
-    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                    "<|image_pad|>", "<|video_pad|>"),
-    eos_token="<|im_end|>",
-    pad_token="<|endoftext|>",
+    chat=ChatFormat(image_prompt="<|vision_start|><|image_pad|><|vision_end|>", default_chat_template=CHAT_TEMPLATE,
+                    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                    "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+                    eos_token="<|im_end|>", pad_token="<|endoftext|>"),
     extra_text_inputs=_mm_token_type_ids,
     tiny_config=_tiny_config,
     tiny_image_size=56,

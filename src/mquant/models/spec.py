@@ -8,7 +8,7 @@ engine in `mquant.pipeline` reads these descriptions, so every family goes throu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol
 
 import torch
 from torch import nn
@@ -106,19 +106,26 @@ class ImageInputs(Protocol):
 
 
 @dataclass(frozen=True)
+class ChatFormat:
+    """How a family writes prompts: its chat template (for tokenizers without one), special tokens,
+    and the text the template writes once per image — it contains exactly one image placeholder
+    token, which the input builder repeats once per visual token."""
+
+    image_prompt: str
+    default_chat_template: str
+    special_tokens: tuple[str, ...]
+    eos_token: str
+    pad_token: str
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str
     architectures: tuple[str, ...]
     model_class: type
     parts: tuple[Part, ...]
     images: ImageInputs
-    # Text the chat template writes once per image; it contains exactly one image placeholder token,
-    # which the input builder repeats once per visual token.
-    image_prompt: str
-    default_chat_template: str
-    special_tokens: tuple[str, ...]
-    eos_token: str
-    pad_token: str
+    chat: ChatFormat
     # Extra model inputs computed from the token ids (e.g. Qwen2-VL's mm_token_type_ids).
     extra_text_inputs: Callable[[torch.Tensor, Any], dict[str, torch.Tensor]] = field(
         default=lambda input_ids, config: {}
@@ -144,17 +151,24 @@ class ModelFamily:
     def image_token_id(self, config: Any) -> int:
         return int(config.image_token_id)
 
+    def blocks(self, model: nn.Module, parts: tuple[str, ...]) -> Iterator[tuple[BlockLayout, str, nn.Module]]:
+        """(layout, name, block) of every block of `parts`, in model order."""
+        for part in self.parts:
+            if part.name in parts:
+                for segment in part.segments:
+                    for name, block in segment.blocks(model):
+                        yield segment.layout, name, block
+
     def stream_embeddings(self, model: nn.Module, part: str) -> list[nn.Parameter]:
         """The parameters the part's segments add into its stream as they are (declared in
         `BlockLayout.stream_embeddings`; those the checkpoint does not have are skipped)."""
         found = []
-        for segment in self.part(part).segments:
-            for _, block in segment.blocks(model):
-                for name in segment.layout.stream_embeddings:
-                    owner, _, attr = name.rpartition(".")
-                    param = getattr(block.get_submodule(owner) if owner else block, attr, None)
-                    if param is not None:
-                        found.append(param)
+        for layout, _, block in self.blocks(model, (part,)):
+            for name in layout.stream_embeddings:
+                owner, _, attr = name.rpartition(".")
+                param = getattr(block.get_submodule(owner) if owner else block, attr, None)
+                if param is not None:
+                    found.append(param)
         return found
 
     def part(self, name: str) -> Part:

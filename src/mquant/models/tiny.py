@@ -18,7 +18,7 @@ def write_tiny(family_name: str, out: str | Path, seed: int = 0, tower: str | No
     that compose several; the first of each by default) to `out`."""
     composition = family_by_name(family_name)
     vision, text = composition.by_name(tower, decoder)
-    tokenizer = build_tokenizer(composition)
+    tokenizer = build_tokenizer(composition.chat)
     config = composition.tiny_config(token_ids(tokenizer), vision, text)
     family = composition.compose(vision, text, config)
     torch.manual_seed(seed)
@@ -43,13 +43,11 @@ def _spread_gains(model: torch.nn.Module, family: ModelFamily, seed: int) -> Non
                 module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=g))
             if getattr(module, "bias", None) is not None and module.bias.dim() == 1:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-    for part in family.parts:
-        for segment in part.segments:
-            for _, block in segment.blocks(model):
-                for _, scale in segment.layout.layer_scales:
-                    lam = block.get_parameter(scale)
-                    lam.copy_(lam * (1 + 0.5 * torch.randn(lam.shape, generator=g)))
-        # Stream embeddings initialised to zero (register tokens) would pass any rotation test.
-        for param in family.stream_embeddings(model, part.name):
-            if not param.any():
-                param.copy_(0.5 * torch.randn(param.shape, generator=g))
+    for layout, _, block in family.blocks(model, ("vision", "projector", "language")):
+        for _, scale in layout.layer_scales:
+            lam = block.get_parameter(scale)
+            lam.copy_(lam * (1 + 0.5 * torch.randn(lam.shape, generator=g)))
+    # Stream embeddings initialised to zero (register tokens) would pass any rotation test.
+    for param in family.stream_embeddings(model, "vision"):
+        if not param.any():
+            param.copy_(0.5 * torch.randn(param.shape, generator=g))

@@ -73,7 +73,7 @@ class VLM:
                 text = render(own, flat)
                 if self._template_mode is None:
                     warnings.warn(f"{self.path}: the chat template does not take image content; images are given "
-                                  f"to it as {self.family.image_prompt!r} inside the message text")
+                                  f"to it as {self.family.chat.image_prompt!r} inside the message text")
                 self._template_mode = "string"
                 return text
             except (TypeError, jinja2.TemplateError):
@@ -83,12 +83,12 @@ class VLM:
             warnings.warn(f"{self.path}: the chat template cannot render image+text messages; using mquant's "
                           f"{self.family.name} template instead")
         self._template_mode = "family"
-        return render(self.family.default_chat_template, messages)
+        return render(self.family.chat.default_chat_template, messages)
 
     def _flatten(self, content) -> str:
         if isinstance(content, str):
             return content
-        return "".join(self.family.image_prompt if item["type"] == "image" else item["text"] for item in content)
+        return "".join(self.family.chat.image_prompt if item["type"] == "image" else item["text"] for item in content)
 
     def encode(self, samples: list[Sample], with_answer: bool = False) -> dict[str, torch.Tensor]:
         """Model inputs for a batch: chat template, image tensors, one placeholder per visual token,

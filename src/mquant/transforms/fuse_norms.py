@@ -49,14 +49,10 @@ def fold_norm_gains(model: nn.Module, family: ModelFamily, parts: tuple[str, ...
     """Fold every declared (norm -> readers) gain in `parts`, and, for the language model, the final
     norm into the output head. Returns the number of norms folded."""
     folded = 0
-    for part in family.parts:
-        if part.name not in parts:
-            continue
-        for segment in part.segments:
-            for _, block in segment.blocks(model):
-                for norm, readers in segment.layout.norm_readers:
-                    fold_gain(block.get_submodule(norm), [block.get_submodule(r) for r in readers])
-                    folded += 1
+    for layout, _, block in family.blocks(model, parts):
+        for norm, readers in layout.norm_readers:
+            fold_gain(block.get_submodule(norm), [block.get_submodule(r) for r in readers])
+            folded += 1
     if "language" in parts:
         untie_lm_head(model, family)
         fold_gain(model.get_submodule(family.final_norm), [model.get_submodule(family.lm_head)])
@@ -68,18 +64,14 @@ def fold_norm_gains(model: nn.Module, family: ModelFamily, parts: tuple[str, ...
 def fold_layer_scales(model: nn.Module, family: ModelFamily, parts: tuple[str, ...] = ("vision",)) -> int:
     """Fold every declared (writer, λ) layer scale in `parts`; returns how many were folded."""
     folded = 0
-    for part in family.parts:
-        if part.name not in parts:
-            continue
-        for segment in part.segments:
-            for _, block in segment.blocks(model):
-                for writer_name, scale_name in segment.layout.layer_scales:
-                    lam = block.get_parameter(scale_name)
-                    writer = block.get_submodule(writer_name)
-                    scale = lam.double().reshape(-1, *([1] * (writer.weight.dim() - 1)))
-                    writer.weight.copy_((writer.weight.double() * scale).to(writer.weight.dtype))
-                    if writer.bias is not None:
-                        writer.bias.copy_((writer.bias.double() * lam.double()).to(writer.bias.dtype))
-                    lam.fill_(1.0)
-                    folded += 1
+    for layout, _, block in family.blocks(model, parts):
+        for writer_name, scale_name in layout.layer_scales:
+            lam = block.get_parameter(scale_name)
+            writer = block.get_submodule(writer_name)
+            scale = lam.double().reshape(-1, *([1] * (writer.weight.dim() - 1)))
+            writer.weight.copy_((writer.weight.double() * scale).to(writer.weight.dtype))
+            if writer.bias is not None:
+                writer.bias.copy_((writer.bias.double() * lam.double()).to(writer.bias.dtype))
+            lam.fill_(1.0)
+            folded += 1
     return folded

@@ -126,9 +126,8 @@ def _open_stream_start(model: nn.Module, family: ModelFamily, Q: torch.Tensor) -
     start = model.get_submodule(family.vision_stream_start) if family.vision_stream_start else None
     if start is not None and not isinstance(start, StreamStart):
         raise ValueError("the vision stream still starts at a LayerNorm: apply LN2RN before rotating it")
-    norms = [(block, name, block.get_submodule(name)) for part in ("vision", "projector")
-             for segment in family.part(part).segments for _, block in segment.blocks(model)
-             for name, _ in segment.layout.norm_readers]
+    norms = [(block, name, block.get_submodule(name))
+             for layout, _, block in family.blocks(model, ("vision", "projector")) for name, _ in layout.norm_readers]
     for _, name, norm in norms:
         if not isinstance(norm, (CenteringNorm, MaskedRMSNorm)):
             raise ValueError(f"{name} is a {type(norm).__name__}: apply LN2RN before rotating an open vision stream")

@@ -55,6 +55,6 @@ def tokenizer_corpus() -> list[str]:
 
 def build_components():
     """(config, tokenizer, image processor) of the embedded model, built offline."""
-    tokenizer = build_subword_tokenizer(FAMILY, tokenizer_corpus(), VOCAB_SIZE)
+    tokenizer = build_subword_tokenizer(FAMILY.chat, tokenizer_corpus(), VOCAB_SIZE)
     processor = FAMILY.images.make_processor(MIN_SIDE, MAX_SIDE)
     return embedded_config(token_ids(tokenizer)), tokenizer, processor
