@@ -26,7 +26,7 @@ class VLM:
     path: str
     # Set on quantized models: the recipe and report they were made with.
     quant_info: dict | None = field(default=None)
-    # How the chat template takes image content, found on first use (see `_apply_chat_template`).
+    # How the chat template takes image content, found on first use (see `_render`).
     _template_mode: str | None = field(default=None, repr=False)
 
     @property
@@ -48,42 +48,38 @@ class VLM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The checkpoint's chat template on image+text content. A template that only takes string
-        content (SmolLM2's, many text-only LLMs') gets the text with the family's image prompt in
-        place of each image; one that fails on that too is replaced by the family's template. Both
-        fallbacks warn once."""
+        if self._template_mode is None:
+            self._template_mode = self._working_template_mode(messages)
+        return self._render(self._template_mode, messages, add_generation_prompt)
+
+    def _render(self, mode: str, messages: list[dict], add_generation_prompt: bool) -> str:
+        """`content`: the checkpoint's template on image+text content; `string`: the same template on
+        the text with the family's image prompt in place of each image; `family`: mquant's template."""
+        template = self.family.chat.default_chat_template if mode == "family" else self.tokenizer.chat_template
+        if mode == "string":
+            messages = [{**m, "content": self._flatten(m["content"])} for m in messages]
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _working_template_mode(self, messages: list[dict]) -> str:
+        """The first mode that renders: a template that only takes string content (SmolLM2's, many
+        text-only LLMs') gets the text; one that cannot render either is replaced. Both warn."""
         import jinja2
 
-        def render(template: str, msgs: list[dict]) -> str:
-            return self.tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-
-        own = self.tokenizer.chat_template
-        if own and self._template_mode in (None, "content"):
+        if not self.tokenizer.chat_template:
+            return "family"
+        for mode in ("content", "string"):
             try:
-                text = render(own, messages)
-                self._template_mode = "content"
-                return text
+                self._render(mode, messages, add_generation_prompt=True)
             except (TypeError, jinja2.TemplateError):
-                if self._template_mode == "content":
-                    raise
-        if own and self._template_mode in (None, "string"):
-            flat = [{**m, "content": self._flatten(m["content"])} for m in messages]
-            try:
-                text = render(own, flat)
-                if self._template_mode is None:
-                    warnings.warn(f"{self.path}: the chat template does not take image content; images are given "
-                                  f"to it as {self.family.chat.image_prompt!r} inside the message text")
-                self._template_mode = "string"
-                return text
-            except (TypeError, jinja2.TemplateError):
-                if self._template_mode == "string":
-                    raise
-        if own and self._template_mode is None:
-            warnings.warn(f"{self.path}: the chat template cannot render image+text messages; using mquant's "
-                          f"{self.family.name} template instead")
-        self._template_mode = "family"
-        return render(self.family.chat.default_chat_template, messages)
+                continue
+            if mode == "string":
+                warnings.warn(f"{self.path}: the chat template does not take image content; images are given "
+                              f"to it as {self.family.chat.image_prompt!r} inside the message text")
+            return mode
+        warnings.warn(f"{self.path}: the chat template cannot render image+text messages; using mquant's "
+                      f"{self.family.name} template instead")
+        return "family"
 
     def _flatten(self, content) -> str:
         if isinstance(content, str):

@@ -8,13 +8,15 @@ A token-merging reader (Qwen2-VL's merger) is folded chunk by chunk.
 
 That needs a *closed* stream: one whose writers can all be mean-baked and whose every reader sits
 behind a norm. LLaVA's towers are open: CLIP's stream starts at a LayerNorm (`pre_layrnorm`, whose
-gain and shift live in the stream), and with every tower the projector reads a hidden state raw, so
-mean-baking would change what it reads (§5.3-5.4). There the stream keeps its mean: γ, β are folded into the readers,
-each LayerNorm becomes a weightless centring norm, and a stream-start norm becomes a weightless
-norm followed by an FP linear writer (diag γ, β); towers without one (SigLIP, DINOv2) start their
-stream with the patch embedding and the additive embeddings (class token, position table). Rotating such a stream by a Q whose first column
-is 1/sqrt(d) puts sqrt(d)·mean in channel 0, where a centring norm becomes a masked RMSNorm (drop
-channel 0, divide by the RMS over all d channels): exact, and rotation-friendly.
+gain and shift live in the stream), and with every tower the projector reads a hidden state raw,
+so mean-baking would change what it reads (§5.3-5.4). There the stream keeps its mean: γ, β are
+folded into the readers, each LayerNorm becomes a weightless centring norm, and a stream-start norm
+becomes a weightless norm followed by an FP linear writer (diag γ, β); towers without one (SigLIP,
+DINOv2) start their stream with the patch embedding and the additive embeddings (class token,
+position table). Layer scales are folded into their writers first. Rotating such a stream by a Q
+whose first column is 1/sqrt(d) puts sqrt(d)·mean in channel 0, where a centring norm becomes a
+masked RMSNorm (drop channel 0, divide by the RMS over all d channels): exact, and
+rotation-friendly.
 """
 
 from __future__ import annotations
