@@ -28,7 +28,7 @@ from mquant.zoo.train import answer_loss, cosine_schedule, optimizer_step, quick
 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, eval_n: int,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", bf16: bool = False) -> dict:
     torch.manual_seed(seed)
     # The composed model with its seeded projector, built beside the shipped one.
     vlm = load_pretrained(real_model(default_dir().with_name(default_dir().name + "-untrained"), trained=None))
@@ -40,14 +40,18 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
     stream = training_batches(seed, batch_size)
-    log = {"seed": seed, "device": str(device), "steps": steps, "batch_size": batch_size, "lr": lr,
+    log = {"seed": seed, "device": str(device), "bf16": bf16, "steps": steps, "batch_size": batch_size, "lr": lr,
            "loss": [], "eval": []}
     start = time.perf_counter()
     model.eval()  # no dropout anywhere; gradients still flow to the projector
     bar = tqdm(range(steps), desc="projector")
     running = None
+    # bf16 autocast: on AMD EPYC (AVX-512 BF16) bf16 matmuls at these shapes ran 2.7x faster than
+    # fp32; the projector's parameters and the optimizer stay fp32.
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step in bar:
-        loss = answer_loss(vlm, next(stream))
+        with autocast:
+            loss = answer_loss(vlm, next(stream))
         optimizer_step(opt, sched, params, loss)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}")
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward and backward passes")
     p.add_argument("--eval-every", type=int, default=200, help="calib-split check every N steps (0: only at the end)")
     p.add_argument("--eval-n", type=int, default=32, help="calib questions per task in each check")
     args = p.parse_args(argv)
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_n, args.device)
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_n, args.device, args.bf16)
 
 
 if __name__ == "__main__":
