@@ -105,11 +105,11 @@ class Composition:
         return self._pick(self.decoders, config_value(text, "model_type") if text is not None else None, "decoder")
 
     def _pick(self, pieces, kind, what: str):
-        if len(pieces) == 1 and (kind is None or kind in pieces[0].model_types):
-            return pieces[0]
         for piece in pieces:
             if kind in piece.model_types:
                 return piece
+        if kind is None and len(pieces) == 1:  # a config without sub-configs: the family's only piece
+            return pieces[0]
         known = ", ".join(t for p in pieces for t in p.model_types)
         raise MquantError(f"{self.name}: {what} '{kind}' is not described in mquant (known: {known})")
 

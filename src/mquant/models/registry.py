@@ -6,7 +6,7 @@ from typing import Any
 
 from mquant.errors import MquantError
 from mquant.models import FAMILY_NAMES, llava, qwen2_vl
-from mquant.models.pieces import Composition
+from mquant.models.pieces import Composition, config_value
 from mquant.models.spec import ModelFamily
 
 FAMILIES: dict[str, Composition] = {f.name: f for f in (qwen2_vl.COMPOSITION, llava.COMPOSITION)}
@@ -33,5 +33,4 @@ def composition_for_architectures(architectures: list[str] | None) -> Compositio
 def family_for_config(config: Any) -> ModelFamily:
     """The family of a checkpoint from its config (a `PretrainedConfig` or the config.json dict):
     the architecture picks the composition, the vision/text model types its tower and decoder."""
-    architectures = config.get("architectures") if isinstance(config, dict) else config.architectures
-    return composition_for_architectures(architectures).resolve(config)
+    return composition_for_architectures(config_value(config, "architectures")).resolve(config)

@@ -141,10 +141,9 @@ def ln2rn_vision(model: nn.Module, family: ModelFamily) -> int:
                                   "first segment)")
     fold_layer_scales(model, family, ("vision",))
     if family.vision_stream_closed:
-        for segment in family.part("vision").segments:
-            for _, block in segment.blocks(model):
-                for name in segment.layout.residual_writers:
-                    bake_mean(block.get_submodule(name))
+        for layout, _, block in family.blocks(model, ("vision",)):
+            for name in layout.residual_writers:
+                bake_mean(block.get_submodule(name))
         for param in family.stream_embeddings(model, "vision"):
             bake_mean_embedding(param)
         replacement = WeightlessRMSNorm
@@ -154,12 +153,10 @@ def ln2rn_vision(model: nn.Module, family: ModelFamily) -> int:
                                 StreamStart.from_layer_norm(model.get_submodule(family.vision_stream_start)))
         replacement = CenteringNorm
     replaced = 0
-    for part in ("vision", "projector"):
-        for segment in family.part(part).segments:
-            for _, block in segment.blocks(model):
-                for norm_name, readers in segment.layout.norm_readers:
-                    norm = block.get_submodule(norm_name)
-                    fold_layer_norm(norm, [block.get_submodule(r) for r in readers], segment.layout.norm_chunks)
-                    block.set_submodule(norm_name, replacement(norm.eps))
-                    replaced += 1
+    for layout, _, block in family.blocks(model, ("vision", "projector")):
+        for norm_name, readers in layout.norm_readers:
+            norm = block.get_submodule(norm_name)
+            fold_layer_norm(norm, [block.get_submodule(r) for r in readers], layout.norm_chunks)
+            block.set_submodule(norm_name, replacement(norm.eps))
+            replaced += 1
     return replaced

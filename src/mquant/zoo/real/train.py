@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from mquant.fileio import write_bytes_atomic, write_json_atomic
@@ -65,11 +65,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     log["train_seconds"] = round(time.perf_counter() - start, 1)
     tqdm.write(f"final (calib split): {log['eval'][-1][1]}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.safetensors")
-    save_file(state, str(tmp))
-    write_bytes_atomic(out, tmp.read_bytes())
-    tmp.unlink()
+    write_bytes_atomic(out, save(state))
     write_json_atomic(out.with_name("train_log.json"), log)
     return log
 
