@@ -138,14 +138,17 @@ def cmd_export(args) -> None:
 
 def cmd_demo(args) -> None:
     from mquant.demo import run_demo
-    from mquant.zoo import EMBEDDED_MODEL
 
-    if not (EMBEDDED_MODEL / "config.json").is_file():
-        raise MquantError(f"the embedded model is missing at {EMBEDDED_MODEL}; train it with `python -m mquant.zoo.train`")
-    recipes = [r.strip() for r in args.recipes.split(",")] if args.recipes else None
-    results = run_demo(args.out, fast=args.fast, recipes=recipes, num_calib=args.num_calib)
-    print(results["table"])
-    print(f"wrote {args.out}/results.json, report.md, plot.png ({results['seconds']:.0f} s)")
+    if args.fast and args.full:
+        raise MquantError("--fast and --full exclude each other")
+    mode = "fast" if args.fast else "full" if args.full else "default"
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None  # noqa: E731
+    results = run_demo(args.out, mode, models=split(args.models), recipes=split(args.recipes),
+                       num_calib=args.num_calib, limit=args.limit)
+    for key, result in results["results"].items():
+        print(f"\n{result['title']} ({result['seconds']:.0f} s)\n{result['table']}")
+    print(f"wrote {args.out}/report.md and, per model, results.json, report.md, plot.png, diagnostics.json "
+          f"({results['seconds']:.0f} s)")
 
 
 def cmd_generate(args) -> None:
@@ -264,13 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts (default 0)")
     v.set_defaults(func=cmd_verify)
 
-    d = sub.add_parser("demo", help="the whole job on the embedded model: evaluate FP, every preset, report",
-                       description="Evaluate the embedded model in floating point, quantize it with every "
-                                   "preset recipe, evaluate each, and write results.json, report.md and plot.png.")
+    d = sub.add_parser("demo", help="the whole job on both embedded models: evaluate FP, quantize, report",
+                       description="For the real-weights model (built offline first) and the embedded Qwen2-VL-class "
+                                   "model: evaluate in floating point, quantize with each recipe, evaluate each, "
+                                   "and write tables, the ablation, diagnostics and plots.")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--fast", action="store_true", help="a subset of the test split (about 3 minutes)")
-    d.add_argument("--recipes", default=None, help="comma-separated recipes instead of every preset")
-    d.add_argument("--num-calib", type=int, default=64, help="calibration samples per recipe (default 64)")
+    d.add_argument("--fast", action="store_true", help="three recipes, a few test questions (a few minutes)")
+    d.add_argument("--full", action="store_true", help="every preset and every test question (no time budget)")
+    d.add_argument("--models", default=None, help="comma-separated: real, embedded (default both)")
+    d.add_argument("--recipes", default=None, help="comma-separated recipes instead of the mode's")
+    d.add_argument("--num-calib", type=int, default=None, help="calibration samples per recipe (default: the mode's)")
+    d.add_argument("--limit", type=int, default=None, help="test questions per task (default: the mode's)")
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="answer one prompt (with images) by greedy decoding",

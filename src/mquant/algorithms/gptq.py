@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mquant.numerics.args import QuantArgs, StrictModel
-from mquant.numerics.grid import dequantize, quantize
+from mquant.numerics.grid import dequantize, expand_groups, quantize
 from mquant.numerics.observers import weight_qparams
 from mquant.numerics.qweight import QuantizedWeight, codes_dtype
 
@@ -98,6 +98,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         return GPTQOutcome(rtn_quantize(weight, args), None, True)
     Hinv, damp_used = factor
 
+    # Per-column scale and zero-point, in the visiting order (one column of [rows, cols] each).
+    col_scale, col_zp = _per_column(scale, zero_point, args, rows, cols)
+    col_scale, col_zp = col_scale[:, perm], None if col_zp is None else col_zp[:, perm]
+    dynamic_groups = grouped and not cfg.static_groups  # then perm is the identity (checked above)
     codes = torch.zeros_like(W)
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
@@ -105,34 +109,64 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         Hinv1 = Hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            if grouped and not cfg.static_groups and col % args.group_size == 0:
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : args.group_size]
-                g_scale, g_zp = weight_qparams(current, args.model_copy(update={"strategy": "channel", "group_size": None}))
-                scale[:, col // args.group_size] = g_scale[:, 0]
-                if g_zp is not None:
-                    zero_point[:, col // args.group_size] = g_zp[:, 0]
-            s, z = _column_params(scale, zero_point, args, col, rows)
-            w = W1[:, i : i + 1]
-            q = quantize(w, s, z, args)
-            codes[:, i1 + i] = q[:, 0]
-            e = (w - dequantize(q, s, z)) / Hinv1[i, i]
-            W1[:, i:] -= e @ Hinv1[i : i + 1, i:]
-            err1[:, i] = e[:, 0]
+            j = i1 + i
+            if dynamic_groups and j % args.group_size == 0:
+                _refresh_group(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : args.group_size], j, args,
+                               scale, zero_point, col_scale, col_zp)
+            w = W1[:, i]
+            z = None if col_zp is None else col_zp[:, j]
+            q = quantize(w, col_scale[:, j], z, args)
+            codes[:, j] = q
+            e = (w - dequantize(q, col_scale[:, j], z)) / Hinv1[i, i]
+            W1[:, i:].addr_(e, Hinv1[i, i:], alpha=-1.0)
+            err1[:, i] = e
         W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
 
     codes = codes[:, torch.argsort(perm)]
     return GPTQOutcome(QuantizedWeight(codes.to(codes_dtype(args)), scale, zero_point, args), damp_used, False)
 
 
-def _column_params(scale, zero_point, args: QuantArgs, col: int, rows: int):
-    """Scale/zero-point column vectors [rows, 1] that apply to original column `col`."""
+def _per_column(scale, zero_point, args: QuantArgs, rows: int, cols: int):
+    """Scale and zero-point of every weight, [rows, cols] (views where they repeat)."""
     if args.strategy == "group":
-        g = col // args.group_size
-        return scale[:, g : g + 1], None if zero_point is None else zero_point[:, g : g + 1]
-    if args.strategy == "tensor":
-        return scale.expand(rows).reshape(rows, 1), None if zero_point is None else zero_point.expand(rows).reshape(rows, 1)
-    return scale, zero_point
+        expand = lambda t: expand_groups(t, args.group_size, cols)  # noqa: E731
+    else:
+        expand = lambda t: t.reshape(-1, 1).expand(rows, cols)  # noqa: E731
+    return expand(scale), None if zero_point is None else expand(zero_point)
+
+
+def _refresh_group(current: torch.Tensor, col: int, args: QuantArgs, scale, zero_point, col_scale, col_zp) -> None:
+    """Dynamic groups: the group starting at `col` takes its scales from the error-updated columns."""
+    g_scale, g_zp = weight_qparams(current, args.model_copy(update={"strategy": "channel", "group_size": None}))
+    g, width = col // args.group_size, current.shape[1]
+    scale[:, g] = g_scale[:, 0]
+    col_scale[:, col : col + width] = g_scale
+    if g_zp is not None:
+        zero_point[:, g] = g_zp[:, 0]
+        col_zp[:, col : col + width] = g_zp
+
+
+def gptq_quantize_shared(weights: list[torch.Tensor], hessian: torch.Tensor, args: QuantArgs,
+                         cfg: GPTQConfig) -> list[GPTQOutcome]:
+    """GPTQ for linears that read the same input (q/k/v, gate/up): one pass over their stacked rows.
+
+    Rows are solved independently with the same H and the same column order, so this gives each
+    weight what `gptq_quantize` alone gives it, for one column loop instead of one per weight.
+    Per-tensor scales span a whole weight, so those are quantized one by one.
+    """
+    if len(weights) == 1 or args.strategy == "tensor":
+        return [gptq_quantize(w, hessian, args, cfg) for w in weights]
+    outcome = gptq_quantize(torch.cat([w.detach().float() for w in weights]), hessian, args, cfg)
+    if outcome.fallback_rtn:
+        return [gptq_quantize(w, hessian, args, cfg) for w in weights]
+    out, row = [], 0
+    qw = outcome.weight
+    for w in weights:
+        rows = slice(row, row + w.shape[0])
+        part = QuantizedWeight(qw.q[rows], qw.scale[rows], None if qw.zero_point is None else qw.zero_point[rows], args)
+        out.append(GPTQOutcome(part, outcome.damp_used, False))
+        row += w.shape[0]
+    return out
 
 
 def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:

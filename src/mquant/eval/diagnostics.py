@@ -69,3 +69,53 @@ def activation_statistics(vlm: VLM, batches: list[dict]) -> dict[str, dict]:
 
     observe_inputs(vlm.model, callbacks, batches, before)
     return {name: s.summary() for name, s in stats.items() if s.count}
+
+
+@torch.no_grad()
+def residual_statistics(vlm: VLM, batches: list[dict], part: str = "language") -> list[dict]:
+    """Per block of `part`: its output residual stream's max |h|, median |h| and their ratio, where
+    the max sits (token position, channel), and the visual over text max |h| (language model).
+
+    The massive activations of real LLMs (a few thousand times the median, on one token and one
+    channel, from an early layer on) show here; `activation_statistics` sees the normalised inputs.
+    """
+    blocks = [(name, block) for _, name, block in vlm.family.blocks(vlm.model, (part,))]
+    found: list[dict] = [{"block": name, "max": 0.0, "medians": [], "visual": 0.0, "text": 0.0, "at": None}
+                         for name, _ in blocks]
+    current: dict = {}
+
+    def hook(index: int):
+        def record(_module, _args, output):
+            h = (output[0] if isinstance(output, tuple) else output).detach().float()
+            h = h.reshape(-1, h.shape[-1]) if h.dim() != 3 else h[0]  # one sample per batch
+            entry, a = found[index], h.abs()
+            flat = int(a.argmax())
+            if float(a.max()) > entry["max"]:
+                entry["max"], entry["at"] = float(a.max()), [flat // a.shape[1], flat % a.shape[1]]
+            entry["medians"].append(float(a.median()))
+            visual = current.get("visual")
+            if visual is not None and visual.numel() == a.shape[0]:
+                for key, rows in (("visual", a[visual]), ("text", a[~visual])):
+                    if rows.numel():
+                        entry[key] = max(entry[key], float(rows.max()))
+        return record
+
+    handles = [block.register_forward_hook(hook(i)) for i, (_, block) in enumerate(blocks)]
+    try:
+        for batch in batches:
+            if batch["input_ids"].shape[0] != 1:
+                raise ValueError("residual_statistics takes one sample per batch")
+            current["visual"] = visual_rows(batch, vlm.image_token_id).reshape(-1) if part == "language" else None
+            vlm.model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = []
+    for entry in found:
+        median = sorted(entry["medians"])[len(entry["medians"]) // 2] if entry["medians"] else 0.0
+        row = {"block": entry["block"], "max": round(entry["max"], 2), "median": round(median, 5),
+               "max_over_median": round(entry["max"] / max(median, 1e-12), 1), "argmax": entry["at"]}
+        if part == "language":
+            row["visual_over_text"] = round(entry["visual"] / max(entry["text"], 1e-12), 3)
+        out.append(row)
+    return out

@@ -36,9 +36,18 @@ def get_task(name: str) -> Task:
 
 
 def calibration_source(spec: str, num_samples: int, seed: int):
-    """`builtin` (alias `builtin:calib`): the benchmark's calib split, cycling over the tasks."""
-    if spec not in ("builtin", "builtin:calib"):
+    """`builtin` (alias `builtin:calib`): the benchmark's calib split, cycling over the tasks;
+    `builtin:TASK,TASK,...`: the same over the named tasks only. None for any other spec."""
+    if spec in ("builtin", "builtin:calib"):
+        spec = "builtin:" + ",".join(benchmark.GENERATORS)
+    if not spec.startswith("builtin:"):
         return None
     from mquant.pipeline.calib import CalibrationSet
 
-    return CalibrationSet("builtin:calib", benchmark.mixed("calib", num_samples))
+    tasks = tuple(t.strip() for t in spec.removeprefix("builtin:").split(","))
+    for task in tasks:
+        if task not in benchmark.GENERATORS:
+            raise MquantError(f"--calib {spec}: unknown built-in task {task!r}; "
+                              f"available: {', '.join(benchmark.GENERATORS)}")
+    name = "builtin:calib" if tasks == tuple(benchmark.GENERATORS) else spec
+    return CalibrationSet(name, benchmark.mixed("calib", num_samples, tasks=tasks))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mquant.algorithms.gptq import HessianAccumulator, gptq_quantize, relative_output_error
+from mquant.algorithms.gptq import GPTQOutcome, HessianAccumulator, gptq_quantize_shared, relative_output_error
 from mquant.algorithms.rtn import rtn_quantize
 from mquant.errors import MquantError
 from mquant.modality.msq import ModalityState, visual_rows
@@ -73,8 +73,11 @@ def _quantize_block(
         stats = _collect_group_statistics(block, modules[0], calls, scheme, recipe.seed, device,
                                           channel0 == "int8", modality, masks)
         inputs = stats.freeze(part)
-        for name, module in zip(group, modules):
-            q, record = _quantize_linear(module, scheme, stats.hessian, inputs, channel0)
+        gptq = scheme.weights is not None and scheme.weights.algorithm == "gptq"
+        outcomes = gptq_quantize_shared([weight_2d(m).float() for m in modules], stats.hessian.H,
+                                        scheme.weights.grid(), scheme.weights.gptq) if gptq else [None] * len(modules)
+        for name, module, outcome in zip(group, modules, outcomes):
+            q, record = _quantize_linear(module, scheme, stats.hessian, inputs, channel0, outcome)
             q.act_quant_enabled = recipe.propagate_activation_quant
             q.modality = modality
             block.set_submodule(name, q)
@@ -172,7 +175,8 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
 
 
 def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian: HessianAccumulator | None,
-                     inputs: FrozenInput, channel0: str | None = None):
+                     inputs: FrozenInput, channel0: str | None = None, outcome: GPTQOutcome | None = None):
+    """`outcome`: the module's GPTQ result, solved with the rest of its group (`gptq_quantize_shared`)."""
     w = weight_2d(module).float()
     acts = scheme.input_activations
     record = {
@@ -187,8 +191,7 @@ def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian: HessianAccu
     if scheme.weights is not None:
         grid = scheme.weights.grid()
         H = hessian.H
-        if scheme.weights.algorithm == "gptq":
-            outcome = gptq_quantize(w, H, grid, scheme.weights.gptq)
+        if outcome is not None:
             qweight = outcome.weight
             record.update(algorithm="rtn-fallback" if outcome.fallback_rtn else "gptq", damp=outcome.damp_used)
         else:

@@ -361,8 +361,9 @@ def caption_sample(sample: Sample) -> Sample:
                   {"cells": sample.meta["cells"]})
 
 
-def mixed(split: str, n: int, seed: int = 0) -> list[Sample]:
-    """`n` samples cycling over the tasks (for calibration)."""
-    per_task = -(-n // len(GENERATORS))
-    pools = {t: generate(t, split, per_task, seed) for t in GENERATORS}
-    return [pools[t][k] for k in range(per_task) for t in GENERATORS][:n]
+def mixed(split: str, n: int, seed: int = 0, tasks: tuple[str, ...] | None = None) -> list[Sample]:
+    """`n` samples cycling over `tasks` (default: every task; for calibration)."""
+    tasks = tuple(tasks or GENERATORS)
+    per_task = -(-n // len(tasks))
+    pools = {t: generate(t, split, per_task, seed) for t in tasks}
+    return [pools[t][k] for k in range(per_task) for t in tasks][:n]

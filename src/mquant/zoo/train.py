@@ -63,16 +63,19 @@ def answer_loss(vlm: VLM, samples, decision_only: bool = False) -> torch.Tensor:
     are left-padded, so every answer ends at the same column: the template closes with
     `<|im_end|>` + newline). `decision_only`: on the answer's last token alone (`comparison_drills`)."""
     batch = vlm.encode(samples, with_answer=True)
-    logits = vlm.model(**batch).logits
     ids = batch["input_ids"]
     last = ids.shape[1] - len(vlm.tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]) + 1
-    losses = []
-    for row, sample in enumerate(samples):
+    spans = []
+    for sample in samples:
         if decision_only:  # the answer's last token, not the end-of-turn token after it
-            start, end = last - 2, last - 1
+            spans.append((last - 2, last - 1))
         else:
-            start, end = last - 1 - len(vlm.tokenizer(sample.answers[0], add_special_tokens=False)["input_ids"]), last
-        losses.append(F.cross_entropy(logits[row, start - 1 : end - 1].float(), ids[row, start:end]))
+            spans.append((last - 1 - len(vlm.tokenizer(sample.answers[0], add_special_tokens=False)["input_ids"]), last))
+    # Only the answer columns' logits: the output head over every prompt position cost a fifth of a step.
+    first = min(start for start, _ in spans) - 1
+    logits = vlm.model(**batch, logits_to_keep=ids.shape[1] - first).logits
+    losses = [F.cross_entropy(logits[row, start - 1 - first : end - 1 - first].float(), ids[row, start:end])
+              for row, (start, end) in enumerate(spans)]
     return torch.stack(losses).mean()
 
 
@@ -143,12 +146,15 @@ class CellProbe(nn.Module):
     module docstring). The characters of numbers and codes are also read out slot by slot
     (`CharacterSlotProbe`). The probe is not part of the saved model."""
 
-    def __init__(self, tokenizer, dim: int) -> None:
+    def __init__(self, tokenizer, dim: int, labels: list[str] | None = None) -> None:
+        """`labels`: score the tokens against these labels' token embeddings only, not the whole
+        vocabulary (a fraction of the cost where the cells can only hold a few kinds of thing)."""
         super().__init__()
         self.tokenizer = tokenizer
         self.slots = CharacterSlotProbe(dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self._ids: dict[str, list[int]] = {}
+        self.vocab = sorted({i for label in labels for i in self.label_ids(label)}) if labels else None
 
     def label_ids(self, label: str) -> list[int]:
         """The tokens of `label`, and of " " + `label` where that is one token: a word is one token
@@ -162,14 +168,15 @@ class CellProbe(nn.Module):
 
     def targets(self, samples, vocab: int) -> torch.Tensor:
         """(cells of every image in batch order, vocab) target distributions."""
+        column = {v: k for k, v in enumerate(self.vocab)} if self.vocab else None
         rows = []
         for sample in samples:
             for cells in sample.meta["cells"]:
                 for labels in cells:
-                    row = torch.zeros(vocab)
+                    row = torch.zeros(len(self.vocab) if column else vocab)
                     for label, weight in zip(labels, self.label_weights(labels)):
                         ids = self.label_ids(label)
-                        row[ids] += weight / len(ids)
+                        row[[column[i] for i in ids] if column else ids] += weight / len(ids)
                     rows.append(row)
         return torch.stack(rows)
 
@@ -187,6 +194,8 @@ class CellProbe(nn.Module):
     def loss(self, visual_tokens: torch.Tensor, embeddings: torch.Tensor, samples) -> torch.Tensor:
         """Cross-entropy of the merged visual tokens of `samples` (batch order) against their cells."""
         targets = self.targets(samples, embeddings.shape[0]).to(embeddings.device)
+        if self.vocab:
+            embeddings = embeddings[self.vocab]
         if visual_tokens.shape[0] != targets.shape[0]:
             raise RuntimeError(f"{visual_tokens.shape[0]} visual tokens for {targets.shape[0]} labelled cells")
         logits = self.log_scale.exp() * F.normalize(visual_tokens, dim=-1) @ F.normalize(embeddings, dim=-1).T
@@ -200,12 +209,14 @@ class CellProbe(nn.Module):
 TASK_WEIGHTS = {"textread": 2, "docfields": 2, "choice": 2}
 
 
-def training_batches(seed: int, batch_size: int, caption_every: int = 2):
-    """Batches of `batch_size` samples mixing every task by `TASK_WEIGHTS` (yes/no items contribute
-    both questions of a pair); every `caption_every`-th item of a task also contributes its "describe
-    the image" companion."""
-    tasks = [t for t in benchmark.GENERATORS for _ in range(TASK_WEIGHTS.get(t, 1))]
-    drawn = {t: 0 for t in benchmark.GENERATORS}
+def training_batches(seed: int, batch_size: int, caption_every: int = 2, tasks: tuple[str, ...] | None = None,
+                     weights: dict[str, int] = TASK_WEIGHTS):
+    """Batches of `batch_size` samples mixing `tasks` (default: every task) by `weights` (yes/no items
+    contribute both questions of a pair); every `caption_every`-th item of a task also contributes its
+    "describe the image" companion."""
+    names = tuple(tasks or benchmark.GENERATORS)
+    tasks = [t for t in names for _ in range(weights.get(t, 1))]
+    drawn = {t: 0 for t in names}
     step = 0
     while True:
         batch: list = []
@@ -224,12 +235,12 @@ def training_batches(seed: int, batch_size: int, caption_every: int = 2):
 
 
 @torch.no_grad()
-def quick_eval(vlm: VLM, n: int = 48) -> dict[str, float]:
+def quick_eval(vlm: VLM, n: int = 48, tasks: tuple[str, ...] | None = None) -> dict[str, float]:
     from mquant.eval.registry import get_task
 
     vlm.model.eval()
     scores = {}
-    for name in benchmark.GENERATORS:
+    for name in tasks or benchmark.GENERATORS:
         task = get_task(name)
         samples = benchmark.generate(name, "calib", n)
         preds = []

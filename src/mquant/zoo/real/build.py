@@ -36,13 +36,17 @@ IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 112
 PROJECTOR_SEED = 0
 
-# SmolLM2-Instruct's own ChatML template (with its default system prompt), taught to take image
-# content: each image becomes one `<image>` placeholder, which mquant expands per visual token.
+# The benchmark's tasks this model is trained and scored on. textread and docfields are left out:
+# reading 13-17 px glyphs needs a tower that resolves them, and this frozen DINOv2 (14-px patches,
+# saliency backbone) does not (README, "The real-weights model").
+REAL_TASKS = ("digits", "yesno", "choice", "compare")
+
+# SmolLM2-Instruct's ChatML template, taught to take image content: each image becomes one
+# `<image>` placeholder, which mquant expands per visual token. Its default system prompt is left
+# out: twenty tokens on every prompt that tell this model nothing.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
     "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
@@ -118,8 +122,32 @@ def compose(trained: Path | None) -> tuple[LlavaForConditionalGeneration, object
     if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
         raise MquantError("the output head is not tied to the embedding after composing the model")
     if trained is not None:
-        model.model.multi_modal_projector.load_state_dict(load_file(str(trained)), strict=True)
+        merge_trained(model, trained)
     return model, tokenizer
+
+
+def merge_trained(model: LlavaForConditionalGeneration, trained: Path) -> None:
+    """Load the trained projector and fold the decoder's low-rank adapters into their weights
+    (`W += scale * B A`, in float64 so the merge does not depend on the summation order)."""
+    from safetensors import safe_open
+
+    with safe_open(str(trained), "pt") as f:
+        scale = float((f.metadata() or {}).get("lora_scale", "0"))
+    state = load_file(str(trained))
+    prefix = "multi_modal_projector."
+    model.model.multi_modal_projector.load_state_dict(
+        {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    modules = dict(model.model.named_modules())
+    for key in sorted(k for k in state if k.endswith(".lora_A")):
+        name = key[: -len(".lora_A")]
+        linear = modules.get(name)
+        if linear is None:
+            raise MquantError(f"{trained.name}: adapter for {name}, which the composed model lacks")
+        delta = scale * (state[f"{name}.lora_B"].double() @ state[key].double())
+        linear.weight.data = (linear.weight.data.double() + delta).to(linear.weight.dtype)
+    unknown = [k for k in state if not k.startswith(prefix) and not k.endswith((".lora_A", ".lora_B"))]
+    if unknown:
+        raise MquantError(f"{trained.name}: unexpected tensors {unknown[:3]}")
 
 
 def build(out: Path, record: dict, trained: Path | None, progress: bool = True) -> Path:
