@@ -2,11 +2,12 @@
 
 The DINOv2 tower stays exactly as pretrained (its statistics, the outlier channel among them, are
 what this model exists to show). LLaVA's two-layer projector learns, and so do low-rank adapters on
-the decoder's linear layers (`--rank`, 0 for none): with the projector alone the frozen 135M
-decoder stayed at answer priors on every task but one (measured: after 110 steps of 8 samples,
+the decoder's attention projections (`--rank`, 0 for none): with the projector alone the frozen
+135M decoder stayed at answer priors on every task but one (measured: after 110 steps of 8 samples,
 calib-split scores yesno 0.19, compare 0.44, digits 0.25). The adapters are merged into the
-decoder's weights by `mquant zoo build real`; `benchmarks/real_residuals.py` measures whether the
-decoder's massive activations survive them.
+decoder's weights by `mquant zoo build real`, which checks that the decoder still completes "The
+capital of France is" with "Paris"; `benchmarks/real_residuals.py` measures whether its massive
+activations survive them.
 
 Losses (all on the benchmark's `train` split, `REAL_TASKS` only; progress is checked on `calib`,
 `test` is never touched):
@@ -41,7 +42,9 @@ from mquant.zoo.train import (
     CellProbe, answer_loss, comparison_drills, cosine_schedule, optimizer_step, quick_eval, training_batches,
 )
 
-ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Attention only: adapters on the MLPs too (rank 8, 300 steps at 5e-4) made the decoder forget what
+# it knew (it completed "The capital of France is" with " 12"); reading visual tokens is attention's job.
+ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Yes/no (two questions per image) and the two-image comparison carry the most reasoning.
 WEIGHTS = {"yesno": 2, "compare": 2}
 
@@ -119,7 +122,7 @@ def pretrain_projector(vlm: VLM, probe: CellProbe, steps: int, batch_size: int, 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, eval_n: int,
           rank: int = 8, adapter_lr: float = 5e-4, vision_steps: int = 200, cell_loss_weight: float = 1.0,
-          drills: int = 8, bf16: bool = False, tasks: tuple[str, ...] = REAL_TASKS) -> dict:
+          drills: int = 8, bf16: bool = False, tasks: tuple[str, ...] = REAL_TASKS, init: Path | None = None) -> dict:
     torch.manual_seed(seed)
     # The composed model with its seeded projector, built beside the shipped one.
     vlm = load_pretrained(real_model(default_dir().with_name(default_dir().name + "-untrained"), trained=None))
@@ -129,10 +132,12 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     projector.requires_grad_(True)
     scale = 2.0  # alpha / rank with alpha = 2 * rank
     adapters = add_adapters(model.model.language_model, rank, scale) if rank else {}
+    if init is not None:
+        _load_trained(init, projector, adapters)
     # What the cells of these tasks can hold: a digit, a colour, a shape, or nothing.
     labels = [str(d) for d in range(10)] + list(COLORS) + list(SHAPES) + [EMPTY]
     probe = CellProbe(vlm.tokenizer, model.config.text_config.hidden_size, labels)
-    log = {"seed": seed, "bf16": bf16, "steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank,
+    log = {"seed": seed, "init": init.name if init else None, "bf16": bf16, "steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank,
            "adapter_lr": adapter_lr, "vision_steps": vision_steps, "cell_loss_weight": cell_loss_weight,
            "drills": drills, "tasks": list(tasks), "loss": [], "eval": []}
     start = time.perf_counter()
@@ -171,11 +176,13 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             log["eval"].append([step + 1, quick_eval(vlm, eval_n, tasks)])
             model.eval()
-            tqdm.write(f"step {step + 1}: {log['eval'][-1][1]}")
+            tqdm.write(f"step {step + 1}: {log['eval'][-1][1]}; "
+                       f"'The capital of France is' ->{_completion(vlm, 'The capital of France is')!r}")
     hook.remove()
     log["eval"].append([steps, quick_eval(vlm, eval_n, tasks)])
+    log["knowledge"] = _completion(vlm, "The capital of France is")
     log["train_seconds"] = round(time.perf_counter() - start, 1)
-    tqdm.write(f"final (calib split): {log['eval'][-1][1]}")
+    tqdm.write(f"final (calib split): {log['eval'][-1][1]}; 'The capital of France is' ->{log['knowledge']!r}")
     state = {f"multi_modal_projector.{k}": v.detach().contiguous() for k, v in projector.state_dict().items()}
     for name, adapter in adapters.items():
         state[f"{name}.lora_A"] = adapter.lora_A.detach().contiguous()
@@ -183,6 +190,26 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     write_bytes_atomic(out, save(state, metadata={"lora_scale": repr(scale)}))
     write_json_atomic(out.with_name("train_log.json"), log)
     return log
+
+
+@torch.no_grad()
+def _completion(vlm: VLM, prompt: str) -> str:
+    """Greedy 4 tokens after a plain-text prompt: does the decoder still know what SmolLM2 knew?"""
+    ids = vlm.tokenizer(prompt, return_tensors="pt")
+    out = vlm.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=vlm.tokenizer.pad_token_id)
+    return vlm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _load_trained(path: Path, projector: nn.Module, adapters: dict[str, LowRankAdapter]) -> None:
+    """Start from an earlier run's parameters (`--init`): same rank, same adapted layers."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    prefix = "multi_modal_projector."
+    projector.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    for name, adapter in adapters.items():
+        adapter.lora_A.data.copy_(state[f"{name}.lora_A"])
+        adapter.lora_B.data.copy_(state[f"{name}.lora_B"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,13 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward and backward passes")
     p.add_argument("--eval-every", type=int, default=0, help="calib-split check every N steps (0: only at the end)")
     p.add_argument("--eval-n", type=int, default=32, help="calib questions per task in each check")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these trained parameters (an earlier run's output) instead of the seeded ones")
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_n, args.rank,
-          args.adapter_lr, args.vision_steps, args.cell_loss_weight, args.drills, args.bf16)
+          args.adapter_lr, args.vision_steps, args.cell_loss_weight, args.drills, args.bf16, init=args.init)
 
 
 if __name__ == "__main__":
