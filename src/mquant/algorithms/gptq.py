@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from mquant.numerics.args import QuantArgs, StrictModel
-from mquant.numerics.grid import dequantize, expand_groups, quantize
-from mquant.numerics.observers import weight_qparams
+from mquant.numerics.grid import dequantize, quantize
+from mquant.numerics.observers import scale_for_columns, weight_qparams
 from mquant.numerics.qweight import QuantizedWeight, codes_dtype
 
 
@@ -128,10 +128,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
 
 def _per_column(scale, zero_point, args: QuantArgs, rows: int, cols: int):
     """Scale and zero-point of every weight, [rows, cols] (views where they repeat)."""
-    if args.strategy == "group":
-        expand = lambda t: expand_groups(t, args.group_size, cols)  # noqa: E731
-    else:
-        expand = lambda t: t.reshape(-1, 1).expand(rows, cols)  # noqa: E731
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        t = scale_for_columns(t, args, cols)  # group: [rows, cols]; channel: [rows, 1]; tensor: [1]
+        return t.reshape(t.shape[0], -1).expand(rows, cols)
+
     return expand(scale), None if zero_point is None else expand(zero_point)
 
 
@@ -157,8 +157,10 @@ def gptq_quantize_shared(weights: list[torch.Tensor], hessian: torch.Tensor, arg
     if len(weights) == 1 or args.strategy == "tensor":
         return [gptq_quantize(w, hessian, args, cfg) for w in weights]
     outcome = gptq_quantize(torch.cat([w.detach().float() for w in weights]), hessian, args, cfg)
-    if outcome.fallback_rtn:
-        return [gptq_quantize(w, hessian, args, cfg) for w in weights]
+    if outcome.fallback_rtn:  # the shared H failed for every damping: each weight gets RTN (warned once)
+        from mquant.algorithms.rtn import rtn_quantize
+
+        return [GPTQOutcome(rtn_quantize(w, args), None, True) for w in weights]
     out, row = [], 0
     qw = outcome.weight
     for w in weights:

@@ -127,28 +127,35 @@ def compose(trained: Path | None) -> tuple[LlavaForConditionalGeneration, object
     return model, tokenizer
 
 
+def read_trained(path: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """A training run's output: the projector's state, each adapted linear's (A, B) and the merge scale."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        scale = float((f.metadata() or {}).get("lora_scale", "0"))
+    state = load_file(str(path))
+    prefix = "multi_modal_projector."
+    projector = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    adapters = {k[: -len(".lora_A")]: (v, state[k[: -len(".lora_A")] + ".lora_B"])
+                for k, v in sorted(state.items()) if k.endswith(".lora_A")}
+    unknown = [k for k in state if not k.startswith(prefix) and not k.endswith((".lora_A", ".lora_B"))]
+    if unknown:
+        raise MquantError(f"{path.name}: unexpected tensors {unknown[:3]}")
+    return projector, adapters, scale
+
+
 def merge_trained(model: LlavaForConditionalGeneration, trained: Path) -> None:
     """Load the trained projector and fold the decoder's low-rank adapters into their weights
     (`W += scale * B A`, in float64 so the merge does not depend on the summation order)."""
-    from safetensors import safe_open
-
-    with safe_open(str(trained), "pt") as f:
-        scale = float((f.metadata() or {}).get("lora_scale", "0"))
-    state = load_file(str(trained))
-    prefix = "multi_modal_projector."
-    model.model.multi_modal_projector.load_state_dict(
-        {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    projector, adapters, scale = read_trained(trained)
+    model.model.multi_modal_projector.load_state_dict(projector, strict=True)
     modules = dict(model.model.named_modules())
-    for key in sorted(k for k in state if k.endswith(".lora_A")):
-        name = key[: -len(".lora_A")]
+    for name, (A, B) in adapters.items():
         linear = modules.get(name)
         if linear is None:
             raise MquantError(f"{trained.name}: adapter for {name}, which the composed model lacks")
-        delta = scale * (state[f"{name}.lora_B"].double() @ state[key].double())
+        delta = scale * (B.double() @ A.double())
         linear.weight.data = (linear.weight.data.double() + delta).to(linear.weight.dtype)
-    unknown = [k for k in state if not k.startswith(prefix) and not k.endswith((".lora_A", ".lora_B"))]
-    if unknown:
-        raise MquantError(f"{trained.name}: unexpected tensors {unknown[:3]}")
 
 
 def build(out: Path, record: dict, trained: Path | None, progress: bool = True) -> Path:

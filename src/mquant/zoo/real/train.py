@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mquant.fileio import write_bytes_atomic, write_json_atomic
 from mquant.models.vlm import VLM, load_pretrained
-from mquant.zoo.real.build import REAL_TASKS, TRAINED, default_dir, real_model
+from mquant.zoo.real.build import REAL_TASKS, TRAINED, default_dir, read_trained, real_model
 from mquant.zoo.render import CELL, COLORS, EMPTY, SHAPES, SIZE
 from mquant.zoo.train import (
     CellProbe, answer_loss, comparison_drills, cosine_schedule, optimizer_step, quick_eval, training_batches,
@@ -202,14 +202,11 @@ def _completion(vlm: VLM, prompt: str) -> str:
 
 def _load_trained(path: Path, projector: nn.Module, adapters: dict[str, LowRankAdapter]) -> None:
     """Start from an earlier run's parameters (`--init`): same rank, same adapted layers."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    prefix = "multi_modal_projector."
-    projector.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    state, factors, _ = read_trained(path)
+    projector.load_state_dict(state, strict=True)
     for name, adapter in adapters.items():
-        adapter.lora_A.data.copy_(state[f"{name}.lora_A"])
-        adapter.lora_B.data.copy_(state[f"{name}.lora_B"])
+        adapter.lora_A.data.copy_(factors[name][0])
+        adapter.lora_B.data.copy_(factors[name][1])
 
 
 def main(argv: list[str] | None = None) -> None:
