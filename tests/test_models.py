@@ -60,6 +60,15 @@ def test_hook_captured_replay_reproduces_hidden_states(tiny_vlm, part):
     for c0, c1 in zip(calls0, calls1):
         out = replay(blocks[0][1], c0, "cpu")
         assert torch.allclose(out, c1.hidden, atol=1e-5, rtol=1e-5)
+    # Replays are independent: after the block changes (as quantizing a group changes it), a replay
+    # gives what the model now feeds block i+1 — a KV cache kept from the capture would hand it the
+    # keys and values of the first replay instead.
+    with torch.no_grad():
+        for module in blocks[0][1].modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(1.5)
+    for c0, c1 in zip(calls0, capture_block_inputs(run, blocks[1][1], batches)):
+        assert torch.allclose(replay(blocks[0][1], c0, "cpu"), c1.hidden, atol=1e-5, rtol=1e-5)
 
 
 def test_subword_tokenizer_round_trips_and_keeps_digits_single():

@@ -84,7 +84,7 @@ def cmd_eval(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise MquantError("--tasks is empty")
-    result = evaluate(mquant.load(args.model), tasks, limit=args.limit)
+    result = evaluate(mquant.load(args.model), tasks, limit=args.limit, precision=args.precision)
     write_json_atomic(args.out, result)
     print(f"{'task':<16} {'metric':<14} {'n':>5} {'score':>7}")
     for name, r in result["tasks"].items():
@@ -144,7 +144,7 @@ def cmd_demo(args) -> None:
     mode = "fast" if args.fast else "full" if args.full else "default"
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None  # noqa: E731
     results = run_demo(args.out, mode, models=split(args.models), recipes=split(args.recipes),
-                       num_calib=args.num_calib, limit=args.limit)
+                       num_calib=args.num_calib, limit=args.limit, precision=args.precision)
     for key, result in results["results"].items():
         print(f"\n{result['title']} ({result['seconds']:.0f} s)\n{result['table']}")
     print(f"wrote {args.out}/report.md and, per model, results.json, report.md, plot.png, diagnostics.json "
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", required=True, help="comma-separated task names")
     e.add_argument("--limit", type=int, default=None, help="samples per task")
     e.add_argument("--out", required=True, help="result JSON file")
+    e.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="matrix products in fp32 (default) or bf16 with fp32 accumulation (quantizers stay fp32)")
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("verify", help="apply function-preserving transforms only and measure the change",
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipes", default=None, help="comma-separated recipes instead of the mode's")
     d.add_argument("--num-calib", type=int, default=None, help="calibration samples per recipe (default: the mode's)")
     d.add_argument("--limit", type=int, default=None, help="test questions per task (default: the mode's)")
+    d.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
+                   help="matrix products of the fake-quant rows: bf16 with fp32 accumulation (default) or fp32")
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="answer one prompt (with images) by greedy decoding",

@@ -124,7 +124,8 @@ def recipe_names(mode: str, recipes: list[str] | None = None) -> list[str]:
 
 
 def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, recipes: list[str] | None = None,
-             num_calib: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+             num_calib: int | None = None, limit: int | None = None, progress: bool = True,
+             precision: str = "bf16") -> dict:
     """Every model of `models` (default: both, the real-weights one first) through `mode`."""
     out = Path(out)
     if mode not in MODES:
@@ -141,7 +142,7 @@ def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, 
         model = MODELS[key]
         settings = MODES[mode]
         results[key] = run_model(model, out / key, recipes_, num_calib or settings.num_calib[key],
-                                 limit if limit is not None else settings.limit[key], mode, progress)
+                                 limit if limit is not None else settings.limit[key], mode, progress, precision)
     summary = {"mode": mode, "models": keys, "date": utc_now(), "machine": machine_description(),
                "seconds": round(time.perf_counter() - start, 1),
                "seconds_by_model": {k: r["seconds"] for k, r in results.items()},
@@ -152,12 +153,12 @@ def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, 
 
 
 def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int, limit: int | None, mode: str,
-              progress: bool = True) -> dict:
+              progress: bool = True, precision: str = "bf16") -> dict:
     start = time.perf_counter()
     path = model.locate(progress)
     tasks = list(model.tasks)
     fp = load(path)
-    fp_result = evaluate(fp, tasks, limit=limit, progress=progress)
+    fp_result = evaluate(fp, tasks, limit=limit, progress=progress, precision=precision)
     timing_batches = [fp.encode([s]) for s in load_calibration(model.calib, TIMING_PROMPTS, seed=1).samples]
     rows = [_row("fp32", "FP32", fp_result, size_mb(path),
                  prefill_ms=prefill_ms(load(path, dtype=torch.bfloat16), timing_batches))]
@@ -166,7 +167,7 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
         began = time.perf_counter()
         vlm = quantize(load(path), recipe, model.calib, num_samples=num_calib, progress=False)
         quantized = time.perf_counter()
-        result = evaluate(vlm, tasks, limit=limit, progress=False)
+        result = evaluate(vlm, tasks, limit=limit, progress=False, precision=precision)
         bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
         ckpt = save(vlm, out / "checkpoints" / recipe.name)
         integer = load(ckpt, backend="cpu-int8") if model.integer else None
@@ -178,7 +179,7 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
                    f"({rows[-1]['seconds']['total']:.0f} s)")
         if integer is not None and recipe.name == INTEGER_CHECK:  # the same recipe, run by the integer kernels
             began = time.perf_counter()
-            result = evaluate(integer, tasks, limit=limit, progress=False)
+            result = evaluate(integer, tasks, limit=limit, progress=False)  # its kernels' own numerics
             rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, size_mb(ckpt), recipe, rows[-1]["prefill_ms"]))
             integer_seconds = round(time.perf_counter() - began, 1)
     diagnostics = _diagnostics(path, model.calib)
@@ -187,7 +188,7 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
     results = {
         "model": model.key, "title": model.title, "rows": rows, "fp_average": fp_result["average"], "tasks": tasks,
         "n_per_task": n_per_task, "interval_95": interval_95(fp_result, n_per_task), "num_calib": num_calib,
-        "calib": model.calib, "mode": mode, "date": utc_now(), "machine": machine_description(),
+        "calib": model.calib, "mode": mode, "precision": precision, "date": utc_now(), "machine": machine_description(),
         "seconds": round(time.perf_counter() - start, 1), "integer_row_seconds": integer_seconds,
     }
     names = [r["recipe"] for r in rows]
@@ -305,6 +306,13 @@ def _layer_table(diag: dict) -> str:
     return "\n".join(lines)
 
 
+def _precision_note(precision: str) -> str:
+    if precision == "bf16":
+        return ("Every fake-quant row, FP32 included, ran its matrix products in bf16 with fp32 accumulation "
+                "and its quantizers in fp32 (`--precision fp32` for fp32 products; twice as slow here).")
+    return "Every row ran in fp32."
+
+
 def _report(model: DemoModel, results: dict, table: str, diagnostics: dict) -> str:
     n = ", ".join(f"{t} {k}" for t, k in results["n_per_task"].items())
     ci = results["interval_95"]
@@ -315,6 +323,7 @@ def _report(model: DemoModel, results: dict, table: str, diagnostics: dict) -> s
         f"Scores are % on the test split ({n} questions; 95 % interval about ±{ci['average']} points on the "
         f"average, ±{max(ci['tasks'].values())} on a task); calibration used {results['num_calib']} samples of "
         f"the disjoint calib split ({results['calib']}). Bits are per part: vision / projector / language. "
+        f"{_precision_note(results['precision'])} "
         "Scores come from the fake-quant reference, except a row marked (cpu-int8), run by the integer kernels. "
         "Prefill is the median time of one whole-model prefill (image + prompt) on the integer backend, FP32's "
         "row timed in bf16 (blank where the integer backend was not timed).\n\n"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from tqdm.auto import tqdm
 
 from mquant.errors import MquantError
@@ -12,10 +15,24 @@ from mquant.models.vlm import VLM
 # rows as for 64 (fixed per-step work dominates), so larger batches finish a task several times
 # sooner; left padding keeps every row's answer the same up to float rounding.
 BATCH = 64
+PRECISIONS = ("fp32", "bf16")
+
+
+def matmul_precision(vlm: VLM, precision: str):
+    """The context an evaluation runs in. `bf16`: matrix products in bf16 with fp32 accumulation
+    (autocast), everything else, quantizers included, in fp32 (`QuantLinear` quantizes its input in
+    fp32 before the product) — how a model is served, and 2x faster than fp32 on a CPU with
+    AVX-512 BF16 (measured on the real-weights model's tasks)."""
+    if precision not in PRECISIONS:
+        raise MquantError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device = next(vlm.model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def evaluate(vlm: VLM, task_names: list[str], limit: int | None = None, progress: bool = True,
-             keep_predictions: bool = False) -> dict:
+             keep_predictions: bool = False, precision: str = "fp32") -> dict:
     calib = set((vlm.quant_info or {}).get("report", {}).get("calibration", {}).get("fingerprints", []))
     results = {}
     for name in task_names:
@@ -29,7 +46,8 @@ def evaluate(vlm: VLM, task_names: list[str], limit: int | None = None, progress
         bar = tqdm(total=len(samples), desc=f"eval {name}", disable=not progress, leave=False)
         for k in range(0, len(samples), BATCH):
             chunk = samples[k : k + BATCH]
-            predictions += vlm.generate(chunk, task.max_new_tokens)
+            with matmul_precision(vlm, precision):
+                predictions += vlm.generate(chunk, task.max_new_tokens)
             bar.update(len(chunk))
         bar.close()
         result = {"metric": task.metric, **task.aggregate(predictions, samples), "n": len(samples)}
@@ -39,4 +57,4 @@ def evaluate(vlm: VLM, task_names: list[str], limit: int | None = None, progress
         results[name] = result
     average = sum(r["score"] for r in results.values()) / len(results)
     recipe = (vlm.quant_info or {}).get("recipe", {}).get("name")
-    return {"model": vlm.path, "recipe": recipe, "tasks": results, "average": average}
+    return {"model": vlm.path, "recipe": recipe, "tasks": results, "average": average, "precision": precision}

@@ -12,8 +12,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from mquant.errors import MquantError
+
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 
 
 class _Captured(Exception):
@@ -50,10 +53,11 @@ class BlockCall:
 
 
 def _store(args: tuple, kwargs: dict) -> BlockCall:
-    kwargs = dict(kwargs)
-    # Replay runs each block standalone: no KV cache.
-    if "past_key_values" in kwargs:
-        kwargs["past_key_values"] = None
+    # Replay runs each block standalone: no KV cache, whatever the argument is called (transformers
+    # 5.x passes `cache=`, 4.x `past_key_values=`). A cache kept here would grow with every replay,
+    # and the causal mask (aligned to the cache's start) would feed each later replay the keys and
+    # values of the first one: stale, float ones, for every group after q/k/v.
+    kwargs = {k: None if isinstance(v, Cache) or k in _CACHE_ARGUMENTS else v for k, v in kwargs.items()}
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     to_cpu = lambda t: t.detach().to("cpu")  # noqa: E731

@@ -147,8 +147,10 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
         ActivationObserver(CHANNEL0_INT8, seed=seed) if observe_channel0 else None,
     )
     current: dict = {}
+    seen = [0]  # calls of `first` during the current replay
 
     def hook(module, args):
+        seen[0] += 1
         full = transformed_input(module, args[0])
         x = main_path(module, full)
         if stats.hessian is not None:
@@ -161,6 +163,8 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
             stats.observers["text"].observe(x[~visual])
         if stats.channel0 is not None:
             stats.channel0.observe(full[:, :1])
+        if current.get("stop_early"):
+            raise _InputSeen
 
     handle = first.register_forward_pre_hook(hook)
     try:
@@ -168,10 +172,21 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
             if masks is not None:
                 current["mask"] = masks[i]
                 modality.visual = masks[i]  # for per-modality layers already quantized in this block
-            replay(block, call, device)
+            seen[0] = 0
+            try:
+                replay(block, call, device)
+            except _InputSeen:
+                continue
+            # The rest of the block is not needed once the group's input is seen (most of a block's
+            # work, for its first groups) — if the first replay showed that `first` runs once per call.
+            current["stop_early"] = seen[0] == 1
     finally:
         handle.remove()
     return stats
+
+
+class _InputSeen(Exception):
+    """Ends a statistics replay at the group's input (`_collect_group_statistics`)."""
 
 
 def _quantize_linear(module: nn.Module, scheme: PartScheme, hessian: HessianAccumulator | None,

@@ -192,6 +192,9 @@ class QuantLinear(nn.Module):
         args = self.act_args
         if args is None or not self.act_quant_enabled:
             return x
+        # In fp32 whatever the input's dtype (a bf16 product's output under autocast): the grid's
+        # rounding must see the value the calibrated scale was chosen for, not its bf16 neighbour.
+        x = x.float()
         if args.dynamic:
             return dynamic_fake_quantize(x, args)
         scale, zero_point = self.input_scale, getattr(self, "input_zero_point", None)
