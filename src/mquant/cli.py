@@ -130,7 +130,8 @@ def cmd_export(args) -> None:
     print(f"wrote {args.out} (compressed-tensors {result['format']}, scheme {args.scheme}, "
           f"{size_mb(args.out):.2f} MB; native {size_mb(args.model):.2f} MB)")
     if args.eval_limit:
-        rows = export_accuracy(args.model, args.out, args.scheme, args.eval_limit)
+        tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()] if args.eval_tasks else None
+        rows = export_accuracy(args.model, args.out, args.scheme, args.eval_limit, tasks)
         print(f"{'model':<50} {'average':>8}")
         for name, average in rows.items():
             print(f"{name:<50} {100 * average:>7.1f}%")
@@ -323,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output directory (replaced atomically)")
     x.add_argument("--eval-limit", type=int, default=40,
                    help="questions per benchmark task for the accuracy comparison (default 40; 0 skips it)")
+    x.add_argument("--eval-tasks", default=None,
+                   help="comma-separated tasks for the comparison (default: the whole built-in benchmark; "
+                        "the real-weights model's are digits,yesno,choice,compare)")
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("recipes", help="list preset recipes, or print one as YAML")

@@ -70,6 +70,7 @@ class Mode:
     recipes: tuple[str, ...] | None  # None: every preset, plus the ablation's extra recipe
     limit: dict[str, int | None]  # test questions per task, by model
     num_calib: dict[str, int]
+    exports: bool = False  # also write each checkpoint's compressed-tensors export (its size: a column)
 
 
 def _real_model(progress: bool) -> Path:
@@ -101,7 +102,7 @@ MODES = {
     "fast": Mode(("gptq-w4a8", "quarot-w4a8", "mquant-w4a8"), {"real": 24, "embedded": 24},
                  {"real": 8, "embedded": 16}),
     "default": Mode(COMPARISON, {"real": 64, "embedded": 48}, {"real": 16, "embedded": 32}),
-    "full": Mode(None, {"real": None, "embedded": None}, {"real": 32, "embedded": 64}),
+    "full": Mode(None, {"real": None, "embedded": None}, {"real": 32, "embedded": 64}, exports=True),
 }
 
 
@@ -173,7 +174,8 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
         integer = load(ckpt, backend="cpu-int8") if model.integer else None
         rows.append(_row(recipe.name, bits, result, size_mb(ckpt), recipe,
                          prefill_ms(integer, timing_batches) if integer is not None else None))
-        rows[-1]["export"] = _export_size(ckpt, out / "exports" / recipe.name, natural_scheme(vlm))
+        if MODES[mode].exports:
+            rows[-1]["export"] = _export_size(ckpt, out / "exports" / recipe.name, natural_scheme(vlm))
         rows[-1]["seconds"] = {"quantize": round(quantized - began, 1), "total": round(time.perf_counter() - began, 1)}
         tqdm.write(f"{model.key}: {recipe.name:<22} average {100 * result['average']:.1f} "
                    f"({rows[-1]['seconds']['total']:.0f} s)")

@@ -26,15 +26,18 @@ def utc_now() -> str:
 
 
 def results_table(rows: list[dict], tasks: list[str]) -> str:
-    """A markdown table: one row per recipe, one column per task, average, size and prefill time."""
-    head = ["recipe", "bits V/P/L", *tasks, "average", "Δ vs FP", "size MB", "compressed-tensors MB", "prefill ms"]
+    """A markdown table: one row per recipe, one column per task, average, size, the size of the
+    compressed-tensors export (where rows were exported) and prefill time."""
+    exported = any(r.get("export") for r in rows)
+    head = ["recipe", "bits V/P/L", *tasks, "average", "Δ vs FP", "size MB",
+            *(["compressed-tensors MB"] if exported else []), "prefill ms"]
     fp = next((r["average"] for r in rows if r["recipe"] == "fp32"), None)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         delta = "" if fp is None or r["recipe"] == "fp32" else f"{100 * (r['average'] - fp):+.1f}"
+        export = f"{r['export']['size_mb']:.2f} ({r['export']['scheme']})" if r.get("export") else "—"
         cells = [r["recipe"], r["bits"], *(f"{100 * r['tasks'][t]:.1f}" for t in tasks),
-                 f"**{100 * r['average']:.1f}**", delta, f"{r['size_mb']:.2f}",
-                 f"{r['export']['size_mb']:.2f} ({r['export']['scheme']})" if r.get("export") else "—",
+                 f"**{100 * r['average']:.1f}**", delta, f"{r['size_mb']:.2f}", *([export] if exported else []),
                  f"{r['prefill_ms']:.1f}" if r.get("prefill_ms") is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

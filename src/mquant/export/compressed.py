@@ -262,9 +262,11 @@ def load_export(out: str | os.PathLike) -> VLM:
     return vlm
 
 
-def export_accuracy(checkpoint: str | os.PathLike, out: str | os.PathLike, scheme: str, limit: int) -> dict:
-    """Average benchmark score of the native checkpoint, of mquant's fake-quant model of the exported
-    scheme and (with compressed-tensors installed) of the export reloaded by transformers."""
+def export_accuracy(checkpoint: str | os.PathLike, out: str | os.PathLike, scheme: str, limit: int,
+                    tasks: list[str] | None = None) -> dict:
+    """Average score on `tasks` (default: the whole built-in benchmark) of the native checkpoint, of
+    mquant's fake-quant model of the exported scheme and (with compressed-tensors installed) of the
+    export reloaded by transformers."""
     from mquant.eval.registry import BENCHMARK
     from mquant.eval.runner import evaluate
 
@@ -274,4 +276,5 @@ def export_accuracy(checkpoint: str | os.PathLike, out: str | os.PathLike, schem
         rows["export reloaded by transformers"] = load_export(out)
     except MquantError as exc:
         print(f"mquant: warning: {exc}; the transformers reload is not evaluated")
-    return {name: evaluate(vlm, list(BENCHMARK), limit=limit, progress=False)["average"] for name, vlm in rows.items()}
+    tasks = tasks or list(BENCHMARK)
+    return {name: evaluate(vlm, tasks, limit=limit, progress=False)["average"] for name, vlm in rows.items()}
