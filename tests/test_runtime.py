@@ -187,3 +187,30 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     with pytest.warns(UserWarning, match="running it eagerly"):
         assert torch.equal(wrapped(torch.tensor([3.0])), torch.tensor([9.0]))
     assert torch.equal(wrapped(torch.tensor([2.0])), torch.tensor([4.0]))
+
+
+def test_bf16_evaluation_quantizes_activations_in_fp32():
+    """Under `--precision bf16` a bf16 product's output reaches the next quantizer: it is rounded on
+    the grid in fp32 (as calibrated), then multiplied in bf16 with fp32 accumulation."""
+    from mquant.algorithms.rtn import rtn_quantize
+    from mquant.eval.runner import matmul_precision
+    from mquant.numerics.args import QuantArgs
+    from mquant.numerics.grid import fake_quantize
+    from mquant.runtime.qlinear import QuantLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    w_args = QuantArgs(num_bits=4, strategy="channel", symmetric=True)
+    a_args = QuantArgs(num_bits=8, strategy="tensor", symmetric=True)
+    scale = torch.tensor([0.013])
+    q = QuantLinear.from_float(linear, rtn_quantize(linear.weight, w_args), a_args, (scale, None))
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    assert torch.equal(q.quantize_input(x), fake_quantize(x.float(), scale, None, a_args))
+    holder = type("V", (), {"model": q})()
+    with matmul_precision(holder, "bf16"):
+        y = q(x)
+    expected = torch.nn.functional.linear(fake_quantize(x.float(), scale, None, a_args).bfloat16(),
+                                          q.dequantized_weight().bfloat16(), q.bias.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    with pytest.raises(MquantError, match="unknown precision"):
+        matmul_precision(holder, "fp8")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -132,14 +133,18 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     projector.requires_grad_(True)
     scale = 2.0  # alpha / rank with alpha = 2 * rank
     adapters = add_adapters(model.model.language_model, rank, scale) if rank else {}
+    previous = None
     if init is not None:
         _load_trained(init, projector, adapters)
+        # The run that made `init`, so the shipped log records every stage of the parameters.
+        earlier_log = init.with_name("train_log.json")
+        previous = json.loads(earlier_log.read_text()) if earlier_log.is_file() else None
     # What the cells of these tasks can hold: a digit, a colour, a shape, or nothing.
     labels = [str(d) for d in range(10)] + list(COLORS) + list(SHAPES) + [EMPTY]
     probe = CellProbe(vlm.tokenizer, model.config.text_config.hidden_size, labels)
     log = {"seed": seed, "init": init.name if init else None, "bf16": bf16, "steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank,
            "adapter_lr": adapter_lr, "vision_steps": vision_steps, "cell_loss_weight": cell_loss_weight,
-           "drills": drills, "tasks": list(tasks), "loss": [], "eval": []}
+           "drills": drills, "tasks": list(tasks), "previous": previous, "loss": [], "eval": []}
     start = time.perf_counter()
     model.eval()  # no dropout anywhere; gradients still flow to what trains
     if vision_steps:
