@@ -7,8 +7,8 @@ recipe of the chosen mode (calibrating on the benchmark's calib split, disjoint 
 evaluate each quantized model, and write `<model>/results.json`, `report.md`, `plot.png` and
 `diagnostics.json`, plus one `report.md` over both.
 
-Modes size the run to a budget (2 CPU cores of an AMD EPYC): `fast` (a few minutes: three recipes,
-a few test questions), the default (the recipes every comparison needs, a subset of each test split,
+Modes size the run to a budget (2 CPU cores of an AMD EPYC): `fast` (within 3 minutes: GPTQ and
+MQuant, a few test questions), the default (the recipes every comparison needs, a subset of each test split,
 within about 15 minutes without the integer backend's row) and `full` (every preset and every test
 question, no budget). Each report states the 95 % interval its test sizes give.
 """
@@ -36,7 +36,6 @@ from mquant.pipeline.calib import load_calibration
 from mquant.recipe import PRESETS, Recipe, load_recipe
 from mquant.zoo.real.build import REAL_TASKS, real_model
 
-DIAGNOSTIC_SAMPLES = 16
 TIMING_PROMPTS = 8  # prompts (calib split) whose prefill is timed per recipe
 INTEGER_CHECK = "mquant-w4a8"  # also scored when run by the integer backend
 
@@ -70,6 +69,7 @@ class Mode:
     recipes: tuple[str, ...] | None  # None: every preset, plus the ablation's extra recipe
     limit: dict[str, int | None]  # test questions per task, by model
     num_calib: dict[str, int]
+    diagnostic_samples: int  # calib-split prompts of the activation statistics
     exports: bool = False  # also write each checkpoint's compressed-tensors export (its size: a column)
 
 
@@ -99,10 +99,11 @@ MODELS = {
         BENCHMARK, "builtin", _embedded_model, integer=True),
 }
 MODES = {
-    "fast": Mode(("gptq-w4a8", "quarot-w4a8", "mquant-w4a8"), {"real": 24, "embedded": 24},
-                 {"real": 8, "embedded": 16}),
-    "default": Mode(COMPARISON, {"real": 64, "embedded": 48}, {"real": 16, "embedded": 32}),
-    "full": Mode(None, {"real": None, "embedded": None}, {"real": 32, "embedded": 64}, exports=True),
+    # Sized for 2 AMD EPYC cores: a real-weights row costs about 50 s to quantize (16 samples) and
+    # 25 s to score 4 x 32 questions; an embedded row a few seconds.
+    "fast": Mode(("gptq-w4a8", "mquant-w4a8"), {"real": 16, "embedded": 24}, {"real": 8, "embedded": 16}, 4),
+    "default": Mode(COMPARISON, {"real": 32, "embedded": 48}, {"real": 16, "embedded": 32}, 8),
+    "full": Mode(None, {"real": None, "embedded": None}, {"real": 32, "embedded": 64}, 16, exports=True),
 }
 
 
@@ -147,7 +148,7 @@ def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, 
     summary = {"mode": mode, "models": keys, "date": utc_now(), "machine": machine_description(),
                "seconds": round(time.perf_counter() - start, 1),
                "seconds_by_model": {k: r["seconds"] for k, r in results.items()},
-               "integer_row_seconds": {k: r["integer_row_seconds"] for k, r in results.items()}}
+               "integer_seconds": {k: r["integer_seconds"] for k, r in results.items()}}
     write_json_atomic(out / "results.json", summary)
     write_text_atomic(out / "report.md", "\n\n".join(r["report"] for r in results.values()))
     return {**summary, "results": results}
@@ -171,9 +172,11 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
         result = evaluate(vlm, tasks, limit=limit, progress=False, precision=precision)
         bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
         ckpt = save(vlm, out / "checkpoints" / recipe.name)
+        integer_began = time.perf_counter()  # the integer backend's load, kernel choice and prefill timing
         integer = load(ckpt, backend="cpu-int8") if model.integer else None
         rows.append(_row(recipe.name, bits, result, size_mb(ckpt), recipe,
                          prefill_ms(integer, timing_batches) if integer is not None else None))
+        integer_seconds += time.perf_counter() - integer_began
         if MODES[mode].exports:
             rows[-1]["export"] = _export_size(ckpt, out / "exports" / recipe.name, natural_scheme(vlm))
         rows[-1]["seconds"] = {"quantize": round(quantized - began, 1), "total": round(time.perf_counter() - began, 1)}
@@ -183,15 +186,15 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
             began = time.perf_counter()
             result = evaluate(integer, tasks, limit=limit, progress=False)  # its kernels' own numerics
             rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, size_mb(ckpt), recipe, rows[-1]["prefill_ms"]))
-            integer_seconds = round(time.perf_counter() - began, 1)
-    diagnostics = _diagnostics(path, model.calib)
+            integer_seconds += time.perf_counter() - began
+    diagnostics = _diagnostics(path, model.calib, MODES[mode].diagnostic_samples)
     write_json_atomic(out / "diagnostics.json", diagnostics)
     n_per_task = {t: r["n"] for t, r in fp_result["tasks"].items()}
     results = {
         "model": model.key, "title": model.title, "rows": rows, "fp_average": fp_result["average"], "tasks": tasks,
         "n_per_task": n_per_task, "interval_95": interval_95(fp_result, n_per_task), "num_calib": num_calib,
         "calib": model.calib, "mode": mode, "precision": precision, "date": utc_now(), "machine": machine_description(),
-        "seconds": round(time.perf_counter() - start, 1), "integer_row_seconds": integer_seconds,
+        "seconds": round(time.perf_counter() - start, 1), "integer_seconds": round(integer_seconds, 1),
     }
     names = [r["recipe"] for r in rows]
     results["ablation"] = _ablation_rows(rows) if all(n in names for _, n in ABLATION) else None
@@ -254,13 +257,13 @@ def _ablation_rows(rows: list[dict]) -> list[dict]:
              "tasks": by_name[name]["tasks"]} for setting, name in ABLATION]
 
 
-def _diagnostics(path: Path, calib: str) -> dict:
+def _diagnostics(path: Path, calib: str, num_samples: int) -> dict:
     """Activation statistics of the FP model before and after the rotations (calib split): every
     linear group's input, and the language model's residual stream."""
     from mquant.eval.diagnostics import activation_statistics, residual_statistics
     from mquant.transforms.apply import apply_transforms
 
-    samples = load_calibration(calib, DIAGNOSTIC_SAMPLES).samples
+    samples = load_calibration(calib, num_samples).samples
     fp = load(path)
     batches = [fp.encode([s], with_answer=True) for s in samples]
     before, residual_before = activation_statistics(fp, batches), residual_statistics(fp, batches)
@@ -321,7 +324,9 @@ def _report(model: DemoModel, results: dict, table: str, diagnostics: dict) -> s
     command = "mquant demo" + ("" if results["mode"] == "default" else f" --{results['mode']}")
     text = (
         f"# mquant demo — {model.title}\n\n{model.about}\n\n"
-        f"Ran {results['date']} on {results['machine']} in {results['seconds']:.0f} s (`{command}`).\n\n"
+        f"Ran {results['date']} on {results['machine']} in {results['seconds']:.0f} s (`{command}`)"
+        + (f", {results['integer_seconds']:.0f} s of it in the cpu-int8 backend (loading, choosing kernels, "
+           "timing prefills, scoring its row)" if results["integer_seconds"] else "") + ".\n\n"
         f"Scores are % on the test split ({n} questions; 95 % interval about ±{ci['average']} points on the "
         f"average, ±{max(ci['tasks'].values())} on a task); calibration used {results['num_calib']} samples of "
         f"the disjoint calib split ({results['calib']}). Bits are per part: vision / projector / language. "
