@@ -76,12 +76,17 @@ def _quant_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _comma_list(text: str | None) -> list[str]:
+    """`--tasks a, b,` -> ["a", "b"]; nothing given -> []."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
 def cmd_eval(args) -> None:
     import mquant
     from mquant.eval.runner import evaluate
     from mquant.fileio import write_json_atomic
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = _comma_list(args.tasks)
     if not tasks:
         raise MquantError("--tasks is empty")
     result = evaluate(mquant.load(args.model), tasks, limit=args.limit, precision=args.precision)
@@ -130,7 +135,7 @@ def cmd_export(args) -> None:
     print(f"wrote {args.out} (compressed-tensors {result['format']}, scheme {args.scheme}, "
           f"{size_mb(args.out):.2f} MB; native {size_mb(args.model):.2f} MB)")
     if args.eval_limit:
-        tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()] if args.eval_tasks else None
+        tasks = _comma_list(args.eval_tasks) or None
         rows = export_accuracy(args.model, args.out, args.scheme, args.eval_limit, tasks)
         print(f"{'model':<50} {'average':>8}")
         for name, average in rows.items():
@@ -143,8 +148,8 @@ def cmd_demo(args) -> None:
     if args.fast and args.full:
         raise MquantError("--fast and --full exclude each other")
     mode = "fast" if args.fast else "full" if args.full else "default"
-    split = lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None  # noqa: E731
-    results = run_demo(args.out, mode, models=split(args.models), recipes=split(args.recipes),
+    results = run_demo(args.out, mode, models=_comma_list(args.models) or None,
+                       recipes=_comma_list(args.recipes) or None,
                        num_calib=args.num_calib, limit=args.limit, precision=args.precision)
     for key, result in results["results"].items():
         integer = f", {result['integer_seconds']:.0f} s of it in the cpu-int8 backend" if result["integer_seconds"] else ""

@@ -126,8 +126,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
             err1[i] = e
         Wt[i2:] -= Hinv[i1:i2, i2:].T @ err1
 
-    codes = codes.T
-    codes = codes[:, torch.argsort(perm)]
+    codes = codes.T[:, torch.argsort(perm)]
     return GPTQOutcome(QuantizedWeight(codes.to(codes_dtype(args)), scale, zero_point, args), damp_used, False)
 
 

@@ -34,6 +34,7 @@ def matmul_precision(vlm: VLM, precision: str):
 def evaluate(vlm: VLM, task_names: list[str], limit: int | None = None, progress: bool = True,
              keep_predictions: bool = False, precision: str = "fp32") -> dict:
     calib = set((vlm.quant_info or {}).get("report", {}).get("calibration", {}).get("fingerprints", []))
+    context = matmul_precision(vlm, precision)  # checked before any work
     results = {}
     for name in task_names:
         task = get_task(name)
@@ -46,7 +47,7 @@ def evaluate(vlm: VLM, task_names: list[str], limit: int | None = None, progress
         bar = tqdm(total=len(samples), desc=f"eval {name}", disable=not progress, leave=False)
         for k in range(0, len(samples), BATCH):
             chunk = samples[k : k + BATCH]
-            with matmul_precision(vlm, precision):
+            with context:
                 predictions += vlm.generate(chunk, task.max_new_tokens)
             bar.update(len(chunk))
         bar.close()

@@ -146,11 +146,10 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
         {k: ActivationObserver(acts, seed=seed) for k in keys},
         ActivationObserver(CHANNEL0_INT8, seed=seed) if observe_channel0 else None,
     )
-    current: dict = {}
-    seen = [0]  # calls of `first` during the current replay
+    current: dict = {"seen": 0}  # the call's visual mask; calls of `first` in this replay; stop early?
 
     def hook(module, args):
-        seen[0] += 1
+        current["seen"] += 1
         full = transformed_input(module, args[0])
         x = main_path(module, full)
         if stats.hessian is not None:
@@ -172,14 +171,14 @@ def _collect_group_statistics(block, first: nn.Module, calls, scheme: PartScheme
             if masks is not None:
                 current["mask"] = masks[i]
                 modality.visual = masks[i]  # for per-modality layers already quantized in this block
-            seen[0] = 0
+            current["seen"] = 0
             try:
                 replay(block, call, device)
             except _InputSeen:
                 continue
             # The rest of the block is not needed once the group's input is seen (most of a block's
             # work, for its first groups) — if the first replay showed that `first` runs once per call.
-            current["stop_early"] = seen[0] == 1
+            current["stop_early"] = current["seen"] == 1
     finally:
         handle.remove()
     return stats

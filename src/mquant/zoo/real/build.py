@@ -176,13 +176,21 @@ def build(out: Path, record: dict, trained: Path | None, progress: bool = True) 
     return out
 
 
+KNOWLEDGE_PROMPT = "The capital of France is"
+
+
+@torch.no_grad()
+def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy continuation of a plain-text prompt (no image)."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def _check_text(model: LlavaForConditionalGeneration, tokenizer) -> None:
     """The composed decoder, before any trained adapter is merged, still knows what SmolLM2 knows
     (catches a mis-wired or untied copy). After training it need not: the adapters tune it to the
     benchmark's answers (`train_log.json`, "knowledge", records what it says then)."""
-    ids = tokenizer("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = greedy_completion(model, tokenizer, KNOWLEDGE_PROMPT, 3)
     if "Paris" not in answer:
         raise MquantError(f"the composed model's decoder answers {answer!r} to 'The capital of France is'")

@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 
 from mquant.fileio import write_bytes_atomic, write_json_atomic
 from mquant.models.vlm import VLM, load_pretrained
-from mquant.zoo.real.build import REAL_TASKS, TRAINED, default_dir, read_trained, real_model
+from mquant.zoo.real.build import (
+    KNOWLEDGE_PROMPT, REAL_TASKS, TRAINED, default_dir, greedy_completion, read_trained, real_model,
+)
 from mquant.zoo.render import CELL, COLORS, EMPTY, SHAPES, SIZE
 from mquant.zoo.train import (
     CellProbe, answer_loss, comparison_drills, cosine_schedule, optimizer_step, quick_eval, training_batches,
@@ -181,13 +183,12 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             log["eval"].append([step + 1, quick_eval(vlm, eval_n, tasks)])
             model.eval()
-            tqdm.write(f"step {step + 1}: {log['eval'][-1][1]}; "
-                       f"'The capital of France is' ->{_completion(vlm, 'The capital of France is')!r}")
+            tqdm.write(f"step {step + 1}: {log['eval'][-1][1]}; '{KNOWLEDGE_PROMPT}' ->{_knowledge(vlm)!r}")
     hook.remove()
     log["eval"].append([steps, quick_eval(vlm, eval_n, tasks)])
-    log["knowledge"] = _completion(vlm, "The capital of France is")
+    log["knowledge"] = _knowledge(vlm)
     log["train_seconds"] = round(time.perf_counter() - start, 1)
-    tqdm.write(f"final (calib split): {log['eval'][-1][1]}; 'The capital of France is' ->{log['knowledge']!r}")
+    tqdm.write(f"final (calib split): {log['eval'][-1][1]}; '{KNOWLEDGE_PROMPT}' ->{log['knowledge']!r}")
     state = {f"multi_modal_projector.{k}": v.detach().contiguous() for k, v in projector.state_dict().items()}
     for name, adapter in adapters.items():
         state[f"{name}.lora_A"] = adapter.lora_A.detach().contiguous()
@@ -197,12 +198,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     return log
 
 
-@torch.no_grad()
-def _completion(vlm: VLM, prompt: str) -> str:
-    """Greedy 4 tokens after a plain-text prompt: does the decoder still know what SmolLM2 knew?"""
-    ids = vlm.tokenizer(prompt, return_tensors="pt")
-    out = vlm.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=vlm.tokenizer.pad_token_id)
-    return vlm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+def _knowledge(vlm: VLM) -> str:
+    """Does the decoder still know what SmolLM2 knew? Its greedy 4 tokens after KNOWLEDGE_PROMPT."""
+    return greedy_completion(vlm.model, vlm.tokenizer, KNOWLEDGE_PROMPT, 4)
 
 
 def _load_trained(path: Path, projector: nn.Module, adapters: dict[str, LowRankAdapter]) -> None:
