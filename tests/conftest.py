@@ -48,3 +48,15 @@ def family(request):
 @pytest.fixture
 def tiny_vlm(tiny_dirs, family):
     return load_pretrained(tiny_dirs[family])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_choices_in_a_temporary_cache(tmp_path_factory):
+    """The CPU kernel table (measured once per machine) lives in the session's temporary directory,
+    not the user's cache."""
+    from mquant.runtime import cpu_kernels
+
+    table = cpu_kernels.KernelTable(tmp_path_factory.mktemp("kernels") / "table.json")
+    original, cpu_kernels.kernel_table = cpu_kernels.kernel_table, lambda: table
+    yield
+    cpu_kernels.kernel_table = original

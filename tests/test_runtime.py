@@ -8,11 +8,12 @@ from mquant.errors import MquantError
 from mquant.models.vlm import load_pretrained
 from mquant.pipeline.calib import synthetic_samples
 from mquant.runtime import int8_ops
-from mquant.runtime.int8_ops import Int8Gemm, onednn_available
+from mquant.runtime import compiling, cpu_kernels
+from mquant.runtime.int8_ops import Int8Gemm
 from mquant.runtime.int_linear import int_linears
 from mquant.runtime.backends import triton_unavailable_reason
 
-KERNELS = ["int_mm"] + (["onednn"] if onednn_available() else [])
+KERNELS = [name for name, kernel in cpu_kernels.KERNELS.items() if kernel.available()]
 
 
 def _codes(shape, lo, hi, seed):
@@ -48,6 +49,72 @@ def test_int8_gemm_scale_layouts_match_the_formula(kernel):
              (gemm.rows(q, per_row, torch.float32), per_row)]
     for y, row_scale in cases:
         torch.testing.assert_close(y.double(), _reference(q, w, w_scale, row_scale, bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("rows,k,n", [(1, 7, 13), (17, 33, 5), (5, 200, 9)])
+def test_every_kernel_is_exact_on_ragged_shapes_in_either_code_encoding(kernel, unsigned, rows, k, n):
+    q, w = _codes((rows, k), -128, 127, rows), _codes((n, k), -8, 7, k)
+    gemm = Int8Gemm(w, torch.ones(n, 1), None, None, kernel=kernel)
+    y = gemm.scalar(cpu_kernels.encode(q, unsigned), 1.0, torch.float32)
+    assert torch.equal(y.double(), q.double() @ w.double().T)  # |acc| < 2^24: exact in float32
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_unsigned_codes_are_the_signed_ones_plus_128(compile_):
+    x = torch.cat([torch.randn(500, 24) * 9, (torch.arange(24) - 12).float().reshape(1, -1) * 0.05])  # ties at .5
+    scale = torch.tensor(0.1)
+    fn = int8_ops.compiled(int8_ops.quantize_static) if compile_ else int8_ops.quantize_static
+    signed, unsigned = fn(x, scale, -128, 127), fn(x, scale, -128, 127, True)
+    assert unsigned.dtype == torch.uint8 and torch.equal(unsigned.int() - 128, signed.int())
+    q, s = int8_ops.quantize_dynamic(x, 127, True)
+    assert torch.equal(q.int() - 128, int8_ops.quantize_dynamic(x, 127)[0].int())
+
+
+def test_kernel_choices_are_measured_once_per_machine_and_kept_on_disk(tmp_path, monkeypatch):
+    cost = {"onednn-u8": 1.0, "onednn-s8": 500.0, "int_mm": 2.0, "float": 1.5}  # s8: the reference path
+    calls = []
+
+    def fake_time(kernel, rows, k, n, dtype, budget):
+        calls.append((kernel.name, rows, k, n))
+        return cost[kernel.name] * (0.1 if (kernel.name == "float" and rows == 1) else 1.0)
+
+    monkeypatch.setattr(cpu_kernels, "_time_candidate", fake_time)
+    path = tmp_path / "table.json"
+    table = cpu_kernels.KernelTable(path)
+    assert table.choose(100, 64, 32, torch.bfloat16) == "onednn-u8"
+    # Rows are timed at their bucket's size; the path orders of magnitude off on the screening
+    # problem is never timed at a real shape.
+    assert ("onednn-u8", 128, 64, 32) in calls and ("onednn-s8", 128, 64, 32) not in calls
+    with pytest.warns(UserWarning, match="no integer kernel beats bfloat16"):
+        assert table.choose(1, 64, 32, torch.bfloat16) == "float"
+    timed = table.timed
+    assert table.choose(90, 64, 32, torch.bfloat16) == "onednn-u8" and table.timed == timed  # same bucket
+    again = cpu_kernels.KernelTable(path)  # a later process on the same machine
+    assert again.choose(100, 64, 32, torch.bfloat16) == "onednn-u8" and again.choose(1, 64, 32, torch.bfloat16) == "float"
+    assert again.timed == 0
+
+
+def test_a_loaded_model_times_nothing_the_second_time(tiny_dirs, tmp_path_factory, tmp_path, monkeypatch):
+    path = _quantized_dir(tiny_dirs, "llava", "mquant-w4a8", tmp_path_factory)
+    sample = synthetic_samples(2, 5)[1]
+    monkeypatch.setattr(cpu_kernels, "kernel_table", lambda: table)
+    table = cpu_kernels.KernelTable(tmp_path / "table.json")
+    first = mquant.load(path, backend="cpu-int8").logits(sample)
+    assert table.timed > 0
+    table = cpu_kernels.KernelTable(tmp_path / "table.json")
+    second = mquant.load(path, backend="cpu-int8").logits(sample)
+    assert table.timed == 0 and torch.equal(first, second)
+
+
+def test_the_float_fallback_gives_the_fake_quant_generations(tiny_dirs, tmp_path_factory):
+    path = _quantized_dir(tiny_dirs, "qwen2_vl", "mquant-w4a8", tmp_path_factory)
+    fake, fallback = mquant.load(path), mquant.load(path, backend="cpu-int8", dtype=torch.float32, kernel="float")
+    for sample in synthetic_samples(3, 11):
+        ref, out = fake.logits(sample), fallback.logits(sample)
+        assert (out - ref).abs().max() <= 3e-3 * ref.abs().max()
+        assert fake.generate([sample], 5) == fallback.generate([sample], 5)
 
 
 def test_group_scales_accumulate_per_group():
@@ -188,7 +255,7 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
         return x * x
 
     # functools.cache keeps the undecorated function as __wrapped__: no cached instance is touched
-    wrapped = int8_ops.compiled.__wrapped__(square)
+    wrapped = compiling.compiled.__wrapped__(square)
     with pytest.warns(UserWarning, match="running it eagerly"):
         assert torch.equal(wrapped(torch.tensor([3.0])), torch.tensor([9.0]))
     assert torch.equal(wrapped(torch.tensor([2.0])), torch.tensor([4.0]))

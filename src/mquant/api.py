@@ -115,7 +115,8 @@ def load(path: str | os.PathLike, backend: str = "fake", dtype: torch.dtype | No
     A quantized checkpoint runs on `backend`: "fake" (the fake-quant reference, float32),
     "cpu-int8" (int8 kernels on the CPU, bfloat16 elsewhere) or "triton" (the W4A8 GPU kernel,
     on `device`, default cuda). `dtype` overrides the backend's activation dtype; `kernel` picks the
-    CPU kernel ("auto", "onednn", "int_mm")."""
+    CPU kernel: "auto" (what this machine measured fastest per shape, `mquant.runtime.cpu_kernels`),
+    "onednn", "onednn-u8", "onednn-s8", "int_mm" or "float" (the codes times dequantized weights)."""
     from mquant.export.compressed import is_compressed_tensors, load_export
     from mquant.export.native import MANIFEST, load_quantized
     from mquant.runtime.backends import BACKENDS, to_backend

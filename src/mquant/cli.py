@@ -180,19 +180,38 @@ def cmd_generate(args) -> None:
     print(vlm.generate([Sample("prompt", images, args.prompt)], max_new_tokens=args.max_new_tokens)[0])
 
 
-def cmd_bench_latency(args) -> None:
-    from mquant.bench.latency import VARIANTS, markdown, plot, run_latency
+def _write_bench(out: Path, result: dict, markdown, plot) -> None:
     from mquant.fileio import write_json_atomic, write_text_atomic
 
-    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS
-    out = Path(args.out)
-    result = run_latency(args.preset, device=_check_device(args.device), repeats=args.repeats, variants=variants)
     table = markdown(result)
     write_json_atomic(out, result)
     write_text_atomic(out.with_suffix(".md"), table)
     plot(result, out.with_suffix(".png"))
     print(table)
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+def cmd_bench_latency(args) -> None:
+    from mquant.bench.latency import VARIANTS, markdown, plot, run_latency
+
+    variants = tuple(_comma_list(args.variants)) if args.variants else VARIANTS
+    result = run_latency(args.preset, device=_check_device(args.device), repeats=args.repeats, variants=variants)
+    _write_bench(Path(args.out), result, markdown, plot)
+
+
+def cmd_bench_peers(args) -> None:
+    from mquant.bench.peers import PATHS, ROWS, STACKS, markdown, plot, run_peers
+
+    chosen = {}
+    for name, value, known in (("--stacks", args.stacks, STACKS), ("--rows", args.rows, ROWS), ("--paths", args.paths, PATHS)):
+        chosen[name] = _comma_list(value) if value else None
+        unknown = [v for v in chosen[name] or [] if v not in known]
+        if unknown:
+            raise MquantError(f"{name}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    if args.repeats < 1:
+        raise MquantError("--repeats must be at least 1")
+    result = run_peers(chosen["--stacks"], chosen["--rows"], tuple(chosen["--paths"] or PATHS), args.repeats)
+    _write_bench(Path(args.out), result, markdown, plot)
 
 
 def cmd_recipes(args) -> None:
@@ -316,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default per preset)")
     lat.add_argument("--variants", default=None, help="comma-separated subset of the variants")
     lat.set_defaults(func=cmd_bench_latency)
+    peers = bench.add_parser("peers", help="one decoder layer's linears on every CPU path: torch, mquant, torchao, OpenVINO",
+                             description="Time the linear stack of one decoder layer (q, k, v, o, gate, up, down) of "
+                                         "several model shapes, at prefill and decode row counts, on fp32, bf16, "
+                                         "mquant's W4A8 (static, MSQ+AIFS, dynamic; the kernel this CPU chose), "
+                                         "torchao and OpenVINO int8, side by side. Writes OUT (JSON), OUT.md, OUT.png.")
+    peers.add_argument("--out", required=True, help="result JSON file (a .md table and .png plot are written beside it)")
+    peers.add_argument("--stacks", default=None, help="comma-separated model shapes (default: all)")
+    peers.add_argument("--rows", default=None, help="comma-separated row counts: prefill, decode-16, decode-1 (default: all)")
+    peers.add_argument("--paths", default=None, help="comma-separated subset of the paths (default: all)")
+    peers.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (default 5)")
+    peers.set_defaults(func=cmd_bench_peers)
 
     x = sub.add_parser("export", help="write a quantized checkpoint for serving engines (compressed-tensors) or as native",
                        description="Export an mquant checkpoint. compressed-tensors: plain Linear layers with int "

@@ -13,6 +13,11 @@ from typing import Any, Iterator
 import yaml
 
 
+def cache_root() -> Path:
+    """mquant's cache: `$MQUANT_CACHE`, by default `~/.cache/mquant` (built models, kernel choices)."""
+    return Path(os.environ.get("MQUANT_CACHE") or Path.home() / ".cache" / "mquant")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -24,7 +24,7 @@ from torch import nn
 from mquant.errors import MquantError
 from mquant.numerics.grid import fake_quantize
 from mquant.runtime import int8_ops
-from mquant.runtime.int8_ops import compiled
+from mquant.runtime.compiling import compiled
 from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
 
 
@@ -137,25 +137,28 @@ class IntLinear(nn.Module):
             return F.linear(x2, self.weight_float, self.bias_float)
         how = self.layout(x2.shape[0])
         self.last_layout = how[0]  # which activation-scale layout ran (tests and benchmarks read it)
+        # The codes in the encoding the shape's kernel takes (oneDNN's VNNI path: code + 128).
+        unsigned = self.gemm.unsigned_input(x2.shape[0], self.dtype)
         if how[0] == "scalar":
-            q = self._quantized(source, x2, how, lambda: compiled(int8_ops.quantize_static)(
-                x2, self.text_scale_t, self.qmin, self.qmax))
+            q = self._quantized(source, x2, (*how, unsigned), lambda: compiled(int8_ops.quantize_static)(
+                x2, self.text_scale_t, self.qmin, self.qmax, unsigned))
             return self.gemm.scalar(q, how[1], self.dtype)
         if how[0] == "block":
             _, start, stop = how
-            q = self._quantized(source, x2, how, lambda: compiled(int8_ops.quantize_two_blocks)(
-                x2, self.visual_scale_t, self.text_scale_t, start, stop, self.qmin, self.qmax))
+            q = self._quantized(source, x2, (*how, unsigned), lambda: compiled(int8_ops.quantize_two_blocks)(
+                x2, self.visual_scale_t, self.text_scale_t, start, stop, self.qmin, self.qmax, unsigned))
             return self.gemm.two_blocks(q, self.visual_scale, self.text_scale, start, stop, self.dtype)
         if how[0] == "dynamic":
-            q, row_scale = self._quantized(source, x2, how, lambda: compiled(int8_ops.quantize_dynamic)(x2, self.qmax))
+            q, row_scale = self._quantized(source, x2, (*how, unsigned), lambda: compiled(int8_ops.quantize_dynamic)(
+                x2, self.qmax, unsigned))
         else:  # a per-row lookup of the two modality scales
-            q, row_scale = self._quantized(source, x2, ("rows", self.visual_scale, self.text_scale),
-                                           lambda: self._quantize_rows(x2, how[1]))
+            q, row_scale = self._quantized(source, x2, ("rows", self.visual_scale, self.text_scale, unsigned),
+                                           lambda: self._quantize_rows(x2, how[1], unsigned))
         return self.gemm.rows(q, row_scale, self.dtype)
 
-    def _quantize_rows(self, x2: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantize_rows(self, x2: torch.Tensor, visual: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
         row_scale = torch.where(visual, self.visual_scale_t, self.text_scale_t)
-        return compiled(int8_ops.quantize_static)(x2, row_scale, self.qmin, self.qmax), row_scale
+        return compiled(int8_ops.quantize_static)(x2, row_scale, self.qmin, self.qmax, unsigned), row_scale
 
     def layout(self, rows: int) -> tuple:
         """("scalar", s) | ("block", start, stop) | ("rows", mask) | ("dynamic",) for this call."""

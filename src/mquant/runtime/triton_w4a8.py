@@ -120,6 +120,9 @@ class TritonW4A8Gemm:
         self.w_scale = w_scale.float().reshape(-1).expand(self.out_features).contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
 
+    def unsigned_input(self, rows, dtype):
+        return False  # the kernel reads signed int8 codes
+
     def scalar(self, q, x_scale, dtype):
         return w4a8_matmul(q, self.packed, self.in_features, self.w_scale, self.bias, dtype, (x_scale, x_scale, 0, 0))
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from mquant.errors import MquantError
-from mquant.fileio import atomic_directory, write_json_atomic
+from mquant.fileio import atomic_directory, cache_root, write_json_atomic
 from mquant.models.llava import COMPOSITION
 from mquant.models.towers import DINOV2
 from mquant.zoo.real.sources import DINOV2_ONNX, SMOLLM2_GGUF, locate, sha256_of
@@ -57,8 +57,7 @@ CHAT_TEMPLATE = (
 
 def default_dir() -> Path:
     """Where the model is built: `$MQUANT_CACHE/real-v1`, by default under `~/.cache/mquant`."""
-    root = Path(os.environ.get("MQUANT_CACHE") or Path.home() / ".cache" / "mquant")
-    return root / f"real-v{BUILD_VERSION}"
+    return cache_root() / f"real-v{BUILD_VERSION}"
 
 
 def _inputs_record(trained: Path | None) -> dict:

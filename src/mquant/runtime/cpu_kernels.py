@@ -1,0 +1,263 @@
+"""The CPU's int8 GEMM kernels, and which of them runs each shape on this machine.
+
+Every kernel computes y = (q · Wᵀ) · x_scale · w_scale + bias from int8 weight codes W [out, in]
+and activation codes q [rows, in]; the integer ones accumulate exactly in int32.
+
+- `onednn-u8`: oneDNN's `qlinear_pointwise` fed *unsigned* codes (code + 128, zero point 128),
+  scales and bias fused, output in the activation dtype. VNNI multiplies u8 × s8, so this is the
+  brgemm/VNNI path on AVX-512 VNNI and AVX-VNNI CPUs without AMX, where signed activations fall to
+  oneDNN's reference implementation (`matmul,ref_int8:any`: ~1000× slower, measured on AMD EPYC).
+  The + 128 is part of the quantizer's single pass, so it costs nothing here.
+- `onednn-s8`: the same with signed codes (AMX's path).
+- `int_mm`: `torch._int_mm` (int32 out) and a compiled epilogue.
+- `float`: the codes in the activation dtype (small integers: exact in bf16) times the dequantized
+  weights in that dtype, prepared once chosen: what runs a shape where no integer kernel beats bf16
+  here (the same codes, so the fake-quant model's results within bf16 rounding); it is announced
+  once per shape.
+
+Which kernel runs a shape is measured, not assumed: `KernelTable` times the candidates once per
+(machine, in, out, row bucket) on a synthetic problem of that shape (a time budget per candidate),
+after screening out, once per machine, any candidate orders of magnitude slower than the best on a
+small problem (a single call of the reference path at a 2B model's shapes takes minutes). The
+choices are kept in `$MQUANT_CACHE/cpu-kernels/<machine>.json`, keyed by the CPU model, its
+instruction-set flags, the torch version and the thread count: a later load on the same machine
+times nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mquant.fileio import cache_root, write_json_atomic
+from mquant.runtime.compiling import compiled, scale_output
+
+ZERO_POINT_U8 = 128  # unsigned codes are the signed ones plus this
+SCREEN_SHAPE = (64, 512, 512)  # rows, in, out of the once-per-machine screening problem
+SCREEN_FACTOR = 20.0  # a candidate this much slower than the best there is dropped on this machine
+BUDGET_S = 0.05  # timed calls of one candidate stop after this long (at least one, at most REPEATS)
+REPEATS = 3
+
+
+# -- what the CPU offers ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuFeatures:
+    model: str
+    amx: bool
+    avx512: bool
+    avx512_vnni: bool
+    avx512_bf16: bool
+    avx_vnni: bool
+    avx2: bool
+    arm_dotprod: bool
+
+    def flags(self) -> list[str]:
+        return [name for name in ("amx", "avx512", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx2", "arm_dotprod")
+                if getattr(self, name)]
+
+    def describe(self) -> str:
+        return f"{self.model} ({', '.join(self.flags()) or 'no int8 dot-product instructions'})"
+
+
+def _cpuinfo_flags() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags |= set(value.split())
+    return model, flags
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    model, flags = _cpuinfo_flags()
+    cpu = torch.cpu
+    amx = getattr(cpu, "_is_amx_tile_supported", lambda: "amx_tile" in flags)()
+    avx512 = getattr(cpu, "_is_avx512_supported", lambda: "avx512f" in flags)()
+    return CpuFeatures(
+        model=model, amx=bool(amx), avx512=bool(avx512),
+        avx512_vnni="avx512_vnni" in flags or (avx512 and getattr(cpu, "_is_vnni_supported", lambda: False)()),
+        avx512_bf16=bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: "avx512_bf16" in flags)()),
+        avx_vnni="avx_vnni" in flags, avx2=bool(getattr(cpu, "_is_avx2_supported", lambda: "avx2" in flags)()),
+        arm_dotprod="asimddp" in flags)
+
+
+def onednn_available() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise") \
+        and torch.backends.mkldnn.is_available()
+
+
+# -- the kernels -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kernel:
+    """`prepare(codes [out, in] int8, w_scale [out] fp32, dtype)` builds the weight state once;
+    `run(state, q, x_scale, bias, dtype)` multiplies codes q (uint8 = code + 128 when `unsigned`)."""
+
+    name: str
+    unsigned: bool
+    prepare: Callable
+    run: Callable
+    available: Callable[[], bool] = lambda: True
+
+
+def _onednn_prepare(codes, w_scale, dtype):
+    return (torch.ops.onednn.qlinear_prepack(codes.contiguous(), None), w_scale.contiguous(),
+            torch.zeros(codes.shape[0], dtype=torch.int64))
+
+
+def _onednn_run(zero_point: int):
+    def run(state, q, x_scale, bias, dtype):
+        packed, w_scale, zeros = state
+        return torch.ops.onednn.qlinear_pointwise(q, x_scale, zero_point, packed, w_scale, zeros, bias, 1.0, 0, dtype,
+                                                  "none", [], "")
+    return run
+
+
+def _int_mm_prepare(codes, w_scale, dtype):
+    return codes.t().contiguous(), w_scale.reshape(1, -1)
+
+
+def _int_mm_run(state, q, x_scale, bias, dtype):
+    codes_kn, w_scale = state
+    return compiled(scale_output)(torch._int_mm(q, codes_kn), w_scale * x_scale, bias, dtype)
+
+
+def _float_prepare(codes, w_scale, dtype):
+    """The dequantized weight, [in, out] in the activation dtype."""
+    return (codes.float() * w_scale.reshape(-1, 1)).t().contiguous().to(dtype)
+
+
+def _float_run(weight_kn, q, x_scale, bias, dtype):
+    x = q.to(dtype)  # codes are small integers: exact in bf16
+    if bias is None:
+        return torch.mm(x, weight_kn).mul_(x_scale)
+    return torch.addmm(bias.to(dtype), x, weight_kn, alpha=x_scale)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("onednn-u8", True, _onednn_prepare, _onednn_run(ZERO_POINT_U8), onednn_available),
+    Kernel("onednn-s8", False, _onednn_prepare, _onednn_run(0), onednn_available),
+    Kernel("int_mm", False, _int_mm_prepare, _int_mm_run),
+    Kernel("float", False, _float_prepare, _float_run),
+)}
+# oneDNN's u8 and s8 paths read the same packed weight.
+STATE_OF = {"onednn-u8": "onednn", "onednn-s8": "onednn", "int_mm": "int_mm", "float": "float"}
+
+
+def encode(q: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """Signed int8 codes in the encoding a kernel takes (a pass: the quantizers do this in theirs)."""
+    return (q.to(torch.int16) + ZERO_POINT_U8).to(torch.uint8) if unsigned else q
+
+
+# -- which kernel runs a shape ---------------------------------------------------------------------
+def row_bucket(rows: int) -> int:
+    """Rows rounded up to a power of two (decode steps: 1, 2, 4, ...; prefills: 512, 1024, ...)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def _time_candidate(kernel: Kernel, rows: int, k: int, n: int, dtype: torch.dtype, budget: float) -> float:
+    """Median seconds of one call on a synthetic problem of this shape (after one untimed warm-up,
+    which also compiles); one timed call when the warm-up alone overran the budget."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    state = kernel.prepare(codes, torch.rand(n, generator=g) * 0.01 + 1e-3, dtype)
+    q = encode(torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=g), kernel.unsigned)
+    bias = torch.randn(n, generator=g)
+    start = time.perf_counter()
+    kernel.run(state, q, 0.05, bias, dtype)
+    warm = time.perf_counter() - start
+    times = []
+    while len(times) < (1 if warm > budget else REPEATS) and (not times or sum(times) < budget):
+        start = time.perf_counter()
+        kernel.run(state, q, 0.05, bias, dtype)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def machine_key(features: CpuFeatures | None = None) -> str:
+    features = features or cpu_features()
+    text = json.dumps([features.model, features.flags(), torch.__version__, torch.get_num_threads()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class KernelTable:
+    """Which kernel runs each (in, out, row bucket, dtype) on this machine, measured once and kept on
+    disk. `timed` counts the synthetic problems timed by this table (tests read it)."""
+
+    def __init__(self, path: Path | None = None, candidates: tuple[str, ...] | None = None) -> None:
+        self.path = path or cache_root() / "cpu-kernels" / f"{machine_key()}.json"
+        self.candidates = tuple(c for c in (candidates or tuple(KERNELS)) if KERNELS[c].available())
+        self.timed = 0
+        self._announced = False  # the float fallback is announced once
+        data = self._read()
+        self.screened: dict[str, float] | None = data.get("screened")
+        self.choices: dict[str, str] = data.get("choices", {})
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) and data.get("machine") == cpu_features().describe() else {}
+
+    def _save(self) -> None:
+        # Another process may have added choices since this one read the file: merge, then replace.
+        on_disk = self._read()
+        choices = {**on_disk.get("choices", {}), **self.choices}
+        try:
+            write_json_atomic(self.path, {"machine": cpu_features().describe(), "torch": torch.__version__,
+                                          "threads": torch.get_num_threads(), "screened": self.screened,
+                                          "choices": dict(sorted(choices.items()))})
+        except OSError as exc:  # a read-only cache costs a re-measurement next time, nothing else
+            warnings.warn(f"could not write the CPU kernel choices to {self.path}: {exc}")
+
+    def usable(self) -> tuple[str, ...]:
+        """The candidates that survive the machine's screening (run once, on a small problem)."""
+        if self.screened is None or not set(self.candidates) <= set(self.screened):
+            rows, k, n = SCREEN_SHAPE
+            self.screened = {name: round(_time_candidate(KERNELS[name], rows, k, n, torch.bfloat16, BUDGET_S), 7)
+                             for name in self.candidates}
+            self.timed += len(self.candidates)
+            self._save()
+        best = min(self.screened[c] for c in self.candidates)
+        return tuple(c for c in self.candidates if self.screened[c] <= SCREEN_FACTOR * best)
+
+    def choose(self, rows: int, k: int, n: int, dtype: torch.dtype) -> str:
+        key = f"{k}x{n}:r{row_bucket(rows)}:{str(dtype).removeprefix('torch.')}"
+        choice = self.choices.get(key)
+        if choice not in self.candidates:
+            usable = self.usable()
+            timings = {name: _time_candidate(KERNELS[name], row_bucket(rows), k, n, dtype, BUDGET_S) for name in usable}
+            self.timed += len(usable)
+            choice = min(timings, key=timings.get)
+            self.choices[key] = choice
+            self._save()
+        if choice == "float" and not self._announced:
+            self._announced = True
+            name = str(dtype).removeprefix("torch.")
+            warnings.warn(f"cpu-int8: no integer kernel beats {name} on this CPU for {k} x {n} at up to "
+                          f"{row_bucket(rows)} rows (nor for any other shape marked \"float\" in {self.path}); "
+                          f"those products run in {name} on the dequantized weights, with the same codes")
+        return choice
+
+
+@functools.cache
+def kernel_table() -> KernelTable:
+    """The process's table (one file read per process)."""
+    return KernelTable()
