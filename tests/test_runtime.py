@@ -286,3 +286,63 @@ def test_bf16_evaluation_quantizes_activations_in_fp32():
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
     with pytest.raises(MquantError, match="unknown precision"):
         matmul_precision(holder, "fp8")
+
+
+# -- activation quantization fused into the norms --------------------------------------------------
+def _norms_of_every_kind():
+    from mquant.transforms.ln2rn import CenteringNorm, MaskedRMSNorm, WeightlessRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    rms = LlamaRMSNorm(8, eps=0.0)
+    rms.weight.data = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 4.0, 1.0, 0.25])
+    layer = torch.nn.LayerNorm(8, eps=0.0)
+    layer.weight.data, layer.bias.data = torch.full((8,), 2.0), torch.full((8,), 0.25)
+    return {"rms": rms, "weightless": WeightlessRMSNorm(0.0), "masked": MaskedRMSNorm(0.0),
+            "centering": CenteringNorm(0.0), "layer": layer}
+
+
+@pytest.mark.parametrize("kind", ["rms", "weightless", "masked", "centering", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_gives_the_separate_quantizers_codes_ties_included(kind, dtype):
+    from mquant.runtime.fused_norm import norm_kind, norm_quantize
+
+    norm = _norms_of_every_kind()[kind].to(dtype)
+    assert norm_kind(norm) == kind
+    # mean(x^2) = 4 and mean 0: the norm halves the row exactly, putting every value on a tie of
+    # the 0.5 grid (0.75 / 0.5 = 1.5); random rows around it.
+    tie_row = torch.tensor([1.5, -1.5, 1.5, -1.5, 1.5, -1.5, 2.5, -3.5])
+    x = torch.cat([tie_row[None], torch.randn(40, 8) * 3]).to(dtype)
+    inner, outer = torch.tensor(0.5), torch.tensor(0.125)
+    weight = getattr(norm, "weight", None) if kind in ("rms", "layer") else None
+    bias = norm.bias if kind == "layer" else None
+    y, signed, unsigned, _ = norm_quantize(x, weight, bias, 0.0, kind, inner, outer, 0, 20, -128, 127, False, True, True)
+    torch.testing.assert_close(y.float(), norm(x).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    separate = int8_ops.quantize_two_blocks(y, inner, outer, 0, 20, -128, 127)
+    assert torch.equal(signed, separate) and torch.equal(unsigned.int() - 128, separate.int())
+    if kind == "weightless":  # the tie row is exact there: the ties were really tested
+        assert (y[0, :6].float() / 0.5).abs().eq(1.5).all()
+    y_dyn, codes, _, row_scale = norm_quantize(x, weight, bias, 0.0, kind, None, None, 0, 0, -128, 127, True, True, False)
+    q, s = int8_ops.quantize_dynamic(y_dyn, 127)
+    assert torch.equal(codes, q) and torch.equal(row_scale, s)
+
+
+@pytest.mark.parametrize("recipe", ["mquant-w4a8", "quarot-w4a8-dynamic"])
+def test_fused_norms_run_the_same_model(tiny_dirs, family, recipe, tmp_path_factory):
+    from mquant.runtime.fused_norm import QuantizingNorm
+
+    path = _quantized_dir(tiny_dirs, family, recipe, tmp_path_factory)
+    fused = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
+    plain = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
+    for name, module in list(plain.model.named_modules()):
+        if isinstance(module, QuantizingNorm):
+            plain.model.set_submodule(name, module.norm)
+    norms = [m for m in fused.model.modules() if isinstance(m, QuantizingNorm)]
+    assert len(norms) >= 4  # at least the decoder's two per layer
+    for sample in synthetic_samples(3, 11):
+        a, b = fused.logits(sample), plain.logits(sample)
+        # The norm is the same computation compiled: float rounding (2.4e-7 of the max logit measured)
+        # may still move a value across a code's rounding boundary, hence the one code step's bound.
+        assert (a - b).abs().max() <= 3e-3 * b.abs().max()
+        assert (a - b).abs().median() <= 1e-6 * b.abs().max()
+        assert fused.generate([sample], 5) == plain.generate([sample], 5)
+    assert all(n.fused_calls > 0 for n in norms)

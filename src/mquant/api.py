@@ -137,7 +137,7 @@ def load(path: str | os.PathLike, backend: str = "fake", dtype: torch.dtype | No
         device = "cuda"
     if device is not None:
         vlm.model.to(device)
-    to_backend(vlm.model, backend, dtype, kernel)
+    to_backend(vlm.model, backend, dtype, kernel, family=vlm.family)
     return vlm
 
 

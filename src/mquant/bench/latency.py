@@ -12,7 +12,8 @@ integer backend runs every activation variant on the same weights and code path:
     w4a8-msq-aifs             two static scales on the two contiguous blocks AIFS makes
 
 For each: median over repeats, in one process, of the time inside the decoder stack's linear
-layers (online Hadamard excluded and reported apart), the decoder-stack prefill, the vision-encoder
+layers (online Hadamard excluded and reported apart; for W4A8, the norms that compute their
+readers' codes in the same pass are counted in full as linear time), the decoder-stack prefill, the vision-encoder
 prefill, and one decode step with a KV cache. The lower bound ("gemm-only") is the MSQ+AIFS linear
 time with the activation quantization taken out (each layer replays the int8 input it quantized
 before, inside the same prefill); act-quant overhead is the MSQ+AIFS linear time over it. The
@@ -202,6 +203,13 @@ class Runner:
         kinds = (nn.Linear, IntLinear)
         return [m for m in self.lm.layers.modules() if isinstance(m, kinds)]
 
+    def timed_layers(self) -> list[nn.Module]:
+        """What "linear layers" times: the linears, and the norms that quantize their inputs
+        (`QuantizingNorm`: the whole norm is charged to the integer path, not only its quantization)."""
+        from mquant.runtime.fused_norm import QuantizingNorm
+
+        return self.lm_linears() + [m for m in self.lm.layers.modules() if isinstance(m, QuantizingNorm)]
+
     def int_linears(self) -> list[nn.Module]:
         """The decoder stack's linears that run an integer product."""
         return [m for m in self.lm_linears() if getattr(m, "gemm", None) is not None]
@@ -213,7 +221,7 @@ class Runner:
 def linear_ms(runner: Runner, repeats: int, device: torch.device) -> tuple[float, float]:
     """Median time per prefill inside the decoder stack's linears, online Hadamard excluded, and
     inside the online Hadamards."""
-    with timed_modules(runner.lm_linears(), device) as linears, timed_modules(runner.transforms(), device) as had:
+    with timed_modules(runner.timed_layers(), device) as linears, timed_modules(runner.transforms(), device) as had:
         median_ms(runner.prefill, 1, device, warmup=2)  # compile/choose kernels outside the sums
         linears[0] = had[0] = 0.0
         runs = []
@@ -302,7 +310,7 @@ def run_latency(preset: str | Preset, device: str = "cpu", repeats: int | None =
     mquant.quantize(vlm, latency_recipe(), "synthetic", num_samples=2, progress=False)
     quantize_s = time.perf_counter() - t
     vlm.model.to(dev)
-    to_backend(vlm.model, backend, torch.bfloat16)
+    to_backend(vlm.model, backend, torch.bfloat16, family=vlm.family)
     runner = Runner(vlm, inputs, torch.bfloat16)
     for variant in (v for v in VARIANTS[2:] if v in variants):
         say(f"  {variant} ...", flush=True)

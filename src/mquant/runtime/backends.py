@@ -49,9 +49,11 @@ def _gemm_factory(backend: str, kernel: str):
     return make
 
 
-def to_backend(model: nn.Module, backend: str, dtype: torch.dtype | None = None, kernel: str = "auto") -> nn.Module:
+def to_backend(model: nn.Module, backend: str, dtype: torch.dtype | None = None, kernel: str = "auto",
+               family=None, fuse_norms: bool = True) -> nn.Module:
     """Convert `model`'s `QuantLinear`s in place to run on `backend`; returns the model in `dtype`
-    (default: float32 for "fake", bfloat16 for the integer backends)."""
+    (default: float32 for "fake", bfloat16 for the integer backends). With the model's `family`, on
+    cpu-int8, the norms that feed quantized linears also compute their codes (`fused_norm`)."""
     if backend not in BACKENDS:
         raise MquantError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     dtype = dtype or DEFAULT_DTYPE[backend]
@@ -70,4 +72,9 @@ def to_backend(model: nn.Module, backend: str, dtype: torch.dtype | None = None,
     make_gemm = _gemm_factory(backend, kernel)
     for name, layer in layers:
         model.set_submodule(name, IntLinear.from_quant(layer, make_gemm, dtype))
-    return model.to(dtype)
+    model.to(dtype)
+    if backend == "cpu-int8" and family is not None and fuse_norms:
+        from mquant.runtime.fused_norm import fuse_norms as fuse
+
+        fuse(model, family)
+    return model

@@ -28,24 +28,27 @@ from mquant.runtime.compiling import compiled
 from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
 
 
-class _SharedInputQuant:
-    """The last quantized input, reused by the next layer that reads the same tensor with the same
-    scales (q/k/v, gate/up share one activation quantizer). Keyed by the live tensor object and its
-    version counter, so a freed or modified tensor never matches."""
+class SharedInputQuant:
+    """The quantized forms of the last input seen, reused by every layer that reads the same tensor
+    with the same scales (q/k/v, gate/up share one activation quantizer; a `QuantizingNorm` leaves
+    its readers' codes here). Keyed by the live tensor object and its version counter, so a freed or
+    modified tensor never matches; one tensor at a time, one entry per encoding and scale layout."""
 
     def __init__(self) -> None:
-        self.ref, self.key, self.value = None, None, None
+        self.ref, self.version, self.values = None, None, {}
 
     def get(self, x: torch.Tensor, key: tuple):
-        if self.ref is not None and self.ref() is x and self.key == (x._version, *key):
-            return self.value
+        if self.ref is not None and self.ref() is x and self.version == x._version:
+            return self.values.get(key)
         return None
 
     def put(self, x: torch.Tensor, key: tuple, value) -> None:
-        self.ref, self.key, self.value = weakref.ref(x), (x._version, *key), value
+        if self.ref is None or self.ref() is not x or self.version != x._version:
+            self.ref, self.version, self.values = weakref.ref(x), x._version, {}
+        self.values[key] = value
 
 
-_SHARED = _SharedInputQuant()
+SHARED = SharedInputQuant()
 
 
 class IntLinear(nn.Module):
@@ -140,20 +143,19 @@ class IntLinear(nn.Module):
         # The codes in the encoding the shape's kernel takes (oneDNN's VNNI path: code + 128).
         unsigned = self.gemm.unsigned_input(x2.shape[0], self.dtype)
         if how[0] == "scalar":
-            q = self._quantized(source, x2, (*how, unsigned), lambda: compiled(int8_ops.quantize_static)(
+            q = self._quantized(source, x2, how, unsigned, lambda: compiled(int8_ops.quantize_static)(
                 x2, self.text_scale_t, self.qmin, self.qmax, unsigned))
             return self.gemm.scalar(q, how[1], self.dtype)
         if how[0] == "block":
             _, start, stop = how
-            q = self._quantized(source, x2, (*how, unsigned), lambda: compiled(int8_ops.quantize_two_blocks)(
+            q = self._quantized(source, x2, how, unsigned, lambda: compiled(int8_ops.quantize_two_blocks)(
                 x2, self.visual_scale_t, self.text_scale_t, start, stop, self.qmin, self.qmax, unsigned))
             return self.gemm.two_blocks(q, self.visual_scale, self.text_scale, start, stop, self.dtype)
         if how[0] == "dynamic":
-            q, row_scale = self._quantized(source, x2, (*how, unsigned), lambda: compiled(int8_ops.quantize_dynamic)(
+            q, row_scale = self._quantized(source, x2, how, unsigned, lambda: compiled(int8_ops.quantize_dynamic)(
                 x2, self.qmax, unsigned))
         else:  # a per-row lookup of the two modality scales
-            q, row_scale = self._quantized(source, x2, ("rows", self.visual_scale, self.text_scale, unsigned),
-                                           lambda: self._quantize_rows(x2, how[1], unsigned))
+            q, row_scale = self._quantized(source, x2, how, unsigned, lambda: self._quantize_rows(x2, how[1], unsigned))
         return self.gemm.rows(q, row_scale, self.dtype)
 
     def _quantize_rows(self, x2: torch.Tensor, visual: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,14 +177,21 @@ class IntLinear(nn.Module):
             return ("scalar", self.text_scale)
         return how
 
-    def _quantized(self, x: torch.Tensor, x2: torch.Tensor, how: tuple, compute):
+    def codes_key(self, shape: tuple, how: tuple, unsigned: bool) -> tuple:
+        """What identifies this layer's codes of an input of `shape` laid out as `how`: layers with
+        equal keys quantize a shared input identically."""
+        scales = () if how[0] == "dynamic" else (self.text_scale, self.visual_scale)
+        return (tuple(shape), self.qmin, self.qmax, self.path, how[0], *(how[1:3] if how[0] == "block" else ()),
+                *scales, unsigned)
+
+    def _quantized(self, x: torch.Tensor, x2: torch.Tensor, how: tuple, unsigned: bool, compute):
         if self.replay is not None:
             return self.replay
-        key = (tuple(x2.shape), self.qmin, self.qmax, self.path, *(h for h in how if not isinstance(h, torch.Tensor)))
-        hit = _SHARED.get(x, key)
+        key = self.codes_key(x2.shape, how, unsigned)
+        hit = SHARED.get(x, key)
         if hit is None:
             hit = compute()
-            _SHARED.put(x, key, hit)
+            SHARED.put(x, key, hit)
         if self.record:
             self.recorded = hit
         return hit
