@@ -27,8 +27,8 @@ def _reference(q, w, w_scale, row_scale, bias):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int8_gemm_accumulates_exactly(kernel):
-    q, w = _codes((23, 96), -128, 127, 0), _codes((40, 96), -8, 7, 1)
-    gemm = Int8Gemm(w, torch.ones(40, 1), None, None, kernel=kernel)
+    q, w = _codes((23, 96), -128, 127, 0), _codes((48, 96), -8, 7, 1)
+    gemm = Int8Gemm(w, torch.ones(48, 1), None, None, kernel=kernel)
     y = gemm.scalar(q, 1.0, torch.float32)
     assert torch.equal(y.double(), q.double() @ w.double().T)  # integers below 2^24: exact in float32
 
@@ -36,8 +36,8 @@ def test_int8_gemm_accumulates_exactly(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int8_gemm_scale_layouts_match_the_formula(kernel):
     rows = 30
-    q, w = _codes((rows, 64), -128, 127, 2), _codes((24, 64), -8, 7, 3)
-    w_scale, bias = torch.rand(24, 1) + 0.1, torch.randn(24)
+    q, w = _codes((rows, 64), -128, 127, 2), _codes((32, 64), -8, 7, 3)
+    w_scale, bias = torch.rand(32, 1) + 0.1, torch.randn(32)
     gemm = Int8Gemm(w, w_scale, None, bias, kernel=kernel)
     inner, outer, start, stop = 0.02, 0.005, 4, 21
     blocks = torch.where((torch.arange(rows) >= start) & (torch.arange(rows) < stop), inner, outer)
@@ -53,8 +53,10 @@ def test_int8_gemm_scale_layouts_match_the_formula(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("rows,k,n", [(1, 7, 13), (17, 33, 5), (5, 200, 9)])
+@pytest.mark.parametrize("rows,k,n", [(1, 7, 13), (17, 33, 5), (5, 200, 9), (3, 96, 48)])
 def test_every_kernel_is_exact_on_ragged_shapes_in_either_code_encoding(kernel, unsigned, rows, k, n):
+    if not cpu_kernels.KERNELS[kernel].fits(k, n, True):
+        pytest.skip(f"{kernel} does not take {n} x {k} weights")
     q, w = _codes((rows, k), -128, 127, rows), _codes((n, k), -8, 7, k)
     gemm = Int8Gemm(w, torch.ones(n, 1), None, None, kernel=kernel)
     y = gemm.scalar(cpu_kernels.encode(q, unsigned), 1.0, torch.float32)
@@ -73,14 +75,14 @@ def test_unsigned_codes_are_the_signed_ones_plus_128(compile_):
 
 
 def test_kernel_choices_are_measured_once_per_machine_and_kept_on_disk(tmp_path, monkeypatch):
-    cost = {"onednn-u8": 1.0, "onednn-s8": 500.0, "int_mm": 2.0, "float": 1.5}  # s8: the reference path
+    cost = {"onednn-u8": 1.0, "onednn-s8": 500.0, "int_mm": 2.0, "float": 1.5, "int8pack": 3.0, "int4pack": 4.0}
     calls = []
 
     def fake_time(kernel, rows, k, n, dtype, budget):
         calls.append((kernel.name, rows, k, n))
         return cost[kernel.name] * (0.1 if (kernel.name == "float" and rows == 1) else 1.0)
 
-    monkeypatch.setattr(cpu_kernels, "_time_candidate", fake_time)
+    monkeypatch.setattr(cpu_kernels, "_time_candidate", fake_time)  # onednn-s8: the reference path
     path = tmp_path / "table.json"
     table = cpu_kernels.KernelTable(path)
     assert table.choose(100, 64, 32, torch.bfloat16) == "onednn-u8"

@@ -107,13 +107,22 @@ def onednn_available() -> bool:
 @dataclass(frozen=True)
 class Kernel:
     """`prepare(codes [out, in] int8, w_scale [out] fp32, dtype)` builds the weight state once;
-    `run(state, q, x_scale, bias, dtype)` multiplies codes q (uint8 = code + 128 when `unsigned`)."""
+    `run(state, q, x_scale, bias, dtype)` multiplies codes q (uint8 = code + 128 when `unsigned`).
+    `fits(in, out, four_bit)`: whether it takes weights of this shape (and code range)."""
 
     name: str
     unsigned: bool
     prepare: Callable
     run: Callable
     available: Callable[[], bool] = lambda: True
+    fits: Callable[[int, int, bool], bool] = lambda k, n, four_bit: True
+
+
+def _finish(y: torch.Tensor, x_scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """x_scale and bias on a weight-only kernel's output, in place (decode-sized outputs: cheap)."""
+    if x_scale != 1.0:
+        y.mul_(x_scale)
+    return y if bias is None else y.add_(bias.to(y.dtype))
 
 
 def _onednn_prepare(codes, w_scale, dtype):
@@ -150,14 +159,49 @@ def _float_run(weight_kn, q, x_scale, bias, dtype):
     return torch.addmm(bias.to(dtype), x, weight_kn, alpha=x_scale)
 
 
+# Weight-only kernels (the codes, as floats, times int8 or int4 weights with their scales): they read
+# 1 or 1/2 byte per weight where bf16 reads 2, which is what a decode step's time is.
+def _int8pack_prepare(codes, w_scale, dtype):
+    return codes.contiguous(), w_scale.to(dtype)
+
+
+def _int8pack_run(state, q, x_scale, bias, dtype):
+    codes, w_scale = state
+    return _finish(torch._weight_int8pack_mm(q.to(dtype), codes, w_scale), x_scale, bias)
+
+
+def _int4_group(k: int) -> int:
+    return next(g for g in (256, 128, 64, 32) if k % g == 0)
+
+
+def _int4pack_prepare(codes, w_scale, dtype):
+    """Codes + 8 as uint4, packed; per-channel scales repeated per group of the kernel, zero 0:
+    the kernel's (q - 8) · scale + zero is the symmetric code times its scale."""
+    n, k = codes.shape
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
+    group = _int4_group(k)
+    scale = w_scale.to(dtype).reshape(1, n).expand(k // group, n)
+    return packed, group, torch.stack([scale, torch.zeros_like(scale)], dim=-1).contiguous()
+
+
+def _int4pack_run(state, q, x_scale, bias, dtype):
+    packed, group, scales_and_zeros = state
+    return _finish(torch._weight_int4pack_mm_for_cpu(q.to(dtype), packed, group, scales_and_zeros), x_scale, bias)
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("onednn-u8", True, _onednn_prepare, _onednn_run(ZERO_POINT_U8), onednn_available),
     Kernel("onednn-s8", False, _onednn_prepare, _onednn_run(0), onednn_available),
     Kernel("int_mm", False, _int_mm_prepare, _int_mm_run),
     Kernel("float", False, _float_prepare, _float_run),
+    Kernel("int8pack", False, _int8pack_prepare, _int8pack_run, lambda: hasattr(torch, "_weight_int8pack_mm")),
+    Kernel("int4pack", False, _int4pack_prepare, _int4pack_run, lambda: hasattr(torch, "_weight_int4pack_mm_for_cpu"),
+           fits=lambda k, n, four_bit: four_bit and k % 32 == 0 and n % 16 == 0),
 )}
 # oneDNN's u8 and s8 paths read the same packed weight.
-STATE_OF = {"onednn-u8": "onednn", "onednn-s8": "onednn", "int_mm": "int_mm", "float": "float"}
+STATE_OF = {name: "onednn" if name.startswith("onednn") else name for name in KERNELS}
+# Those whose prepared weight depends on the activation dtype.
+DTYPED = ("float", "int8pack", "int4pack")
 
 
 def encode(q: torch.Tensor, unsigned: bool) -> torch.Tensor:
@@ -238,11 +282,11 @@ class KernelTable:
         best = min(self.screened[c] for c in self.candidates)
         return tuple(c for c in self.candidates if self.screened[c] <= SCREEN_FACTOR * best)
 
-    def choose(self, rows: int, k: int, n: int, dtype: torch.dtype) -> str:
-        key = f"{k}x{n}:r{row_bucket(rows)}:{str(dtype).removeprefix('torch.')}"
+    def choose(self, rows: int, k: int, n: int, dtype: torch.dtype, four_bit: bool = False) -> str:
+        key = f"{k}x{n}:w{4 if four_bit else 8}:r{row_bucket(rows)}:{str(dtype).removeprefix('torch.')}"
         choice = self.choices.get(key)
         if choice not in self.candidates:
-            usable = self.usable()
+            usable = [name for name in self.usable() if KERNELS[name].fits(k, n, four_bit)]
             timings = {name: _time_candidate(KERNELS[name], row_bucket(rows), k, n, dtype, BUDGET_S) for name in usable}
             self.timed += len(usable)
             choice = min(timings, key=timings.get)

@@ -60,7 +60,7 @@ class Int8Gemm:
     """
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, group_size: int | None,
-                 bias: torch.Tensor | None, kernel: str = "auto", table: cpu_kernels.KernelTable | None = None) -> None:
+                 bias: torch.Tensor | None, kernel: str = "auto") -> None:
         if kernel == "onednn":
             kernel = "onednn-s8" if cpu_kernels.cpu_features().amx else "onednn-u8"
         if kernel != "auto" and kernel not in cpu_kernels.KERNELS:
@@ -78,11 +78,15 @@ class Int8Gemm:
             pad_out = (-self.out_features) % 8 if self.cuda else 0
             self.codes_kn = torch.nn.functional.pad(codes, (0, self._pad_in, 0, pad_out)).t().contiguous()
             kernel = "int_mm"
-        elif kernel != "auto" and not cpu_kernels.KERNELS[kernel].available():
-            raise ValueError(f"int8 kernel {kernel!r} is not available in this torch build")
+        self.four_bit = bool(codes.numel() == 0 or (codes.min() >= -8 and codes.max() <= 7))
+        if kernel != "auto" and kernel != "int_mm":
+            if not cpu_kernels.KERNELS[kernel].available():
+                raise ValueError(f"int8 kernel {kernel!r} is not available in this torch build")
+            if not cpu_kernels.KERNELS[kernel].fits(self.in_features, self.out_features, self.four_bit):
+                raise ValueError(f"int8 kernel {kernel!r} does not take {self.out_features} x {self.in_features} "
+                                 f"{'4' if self.four_bit else '8'}-bit weights")
         self.kernel = kernel
         self._codes = codes.contiguous()  # what each kernel's weight state is prepared from, when first chosen
-        self._table = table
         self._states: dict[tuple, object] = {}
         self._choice: dict[tuple[int, torch.dtype], str] = {}
 
@@ -116,8 +120,8 @@ class Int8Gemm:
             return self.kernel
         key = (cpu_kernels.row_bucket(rows), dtype)
         if key not in self._choice:
-            table = self._table or cpu_kernels.kernel_table()
-            self._choice[key] = table.choose(rows, self.in_features, self.out_features, dtype)
+            self._choice[key] = cpu_kernels.kernel_table().choose(rows, self.in_features, self.out_features, dtype,
+                                                                  self.four_bit)
         return self._choice[key]
 
     def unsigned_input(self, rows: int, dtype: torch.dtype) -> bool:
@@ -129,7 +133,7 @@ class Int8Gemm:
         kernel = cpu_kernels.KERNELS[self.kernel_for(q.shape[0], dtype)]
         if kernel.unsigned != (q.dtype == torch.uint8):
             q = cpu_kernels.encode(q, True) if kernel.unsigned else _signed(q)
-        key = (cpu_kernels.STATE_OF[kernel.name], dtype if kernel.name == "float" else None)
+        key = (cpu_kernels.STATE_OF[kernel.name], dtype if kernel.name in cpu_kernels.DTYPED else None)
         if key not in self._states:
             self._states[key] = kernel.prepare(self._codes, self.w_scale.reshape(-1), dtype)
         return kernel.run(self._states[key], q, x_scale, bias, dtype)
