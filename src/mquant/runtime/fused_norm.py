@@ -111,14 +111,26 @@ class QuantizingNorm(nn.Module):
         self._readers = tuple(readers)  # a tuple, not submodules: they stay where the model has them
         self.eps = _eps(norm) if kind == "rms" else norm.eps
         self.fused_calls = 0
+        # A reader that does not multiply the norm's output as it is (Qwen2-VL's merger reads it
+        # merged four tokens to a row) quantizes for itself: seen on the next call, the fusion stops.
+        self.active, self._quantized_before = True, None
+
+    def _readers_missed(self) -> bool:
+        done = sum(r.quantizations for r in self._readers)
+        missed = self._quantized_before is not None and done > self._quantized_before
+        self._quantized_before = done
+        return missed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self._readers[0]
         rows = x.numel() // x.shape[-1]
-        if x.dtype != first.dtype or any(r.path != first.path or r.replay is not None for r in self._readers):
-            return self.norm(x)
-        how = first.layout(rows)
-        if how[0] == "rows":  # MSQ without AIFS: each reader looks its rows up
+        if self.active and self._readers_missed():
+            self.active = False
+        how = first.layout(rows) if self.active else None
+        # Not fused: MSQ without AIFS (each reader looks its rows up), another dtype, a benchmark's replay.
+        if how is None or how[0] == "rows" or x.dtype != first.dtype \
+                or any(r.path != first.path or r.replay is not None for r in self._readers):
+            self._quantized_before = None
             return self.norm(x)
         encodings = {r.gemm.unsigned_input(rows, first.dtype) for r in self._readers}
         dynamic = how[0] == "dynamic"
@@ -135,10 +147,11 @@ class QuantizingNorm(nn.Module):
             if codes is not None:
                 SHARED.put(y, first.codes_key(shape, how, is_unsigned), (codes, row_scale) if dynamic else codes)
         self.fused_calls += 1
+        self._quantized_before = sum(r.quantizations for r in self._readers)
         return y
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, readers={len(self._readers)}"
+        return f"kind={self.kind}, readers={len(self._readers)}, active={self.active}"
 
 
 @torch.no_grad()

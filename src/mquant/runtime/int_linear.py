@@ -64,7 +64,9 @@ class IntLinear(nn.Module):
         self.patch, self.input_transform, self.channel0 = ref.patch, ref.input_transform, ref.channel0
         self.act_args, self.per_modality, self.modality = args, ref.per_modality, ref.modality
         self.dtype, self.gemm, self.path = dtype, gemm, "auto"
-        self.calls, self.last_layout = 0, None
+        # `quantizations`: inputs this layer quantized itself (not found already quantized by a
+        # neighbour reading the same tensor or by the norm before it).
+        self.calls, self.quantizations, self.last_layout = 0, 0, None
         # Benchmarks time the product without its activation quantization: `record` keeps the last
         # quantized input in `recorded`; a non-None `replay` is used instead of quantizing.
         self.record, self.recorded, self.replay = False, None, None
@@ -191,6 +193,7 @@ class IntLinear(nn.Module):
         hit = SHARED.get(x, key)
         if hit is None:
             hit = compute()
+            self.quantizations += 1
             SHARED.put(x, key, hit)
         if self.record:
             self.recorded = hit
