@@ -11,8 +11,11 @@ The same random weights (4-bit codes with per-channel scales) and inputs run on:
     openvino-int8            OpenVINO: FakeQuantize on the input, int8 weights, compiled for the CPU
 
 A stack is the seven linears of one decoder layer (q, k, v, o, gate, up, down) of a model's shape,
-each on its own input; its time is the median of whole-stack passes (at decode sizes the weights
-then come from memory, not cache, as in a real decode step). Ratios are bf16's time over a path's.
+on four inputs as in the model (q/k/v read one, gate/up another; mquant quantizes each input once,
+as its runtime does); its time is the median of whole-stack passes (at decode sizes the weights
+then come from memory, not cache, as in a real decode step). The norms before q/k/v and gate/up
+are not part of it (mquant's runtime computes those codes inside the norm: `mquant bench latency`
+times whole layers). Ratios are bf16's time over a path's.
 Each mquant row records the kernel that ran each linear; OpenVINO's its executed primitive.
 Peers that are not installed (`pip install torchao openvino`) or do not run here are skipped with
 the reason in the JSON.
@@ -36,14 +39,15 @@ PATHS = ("fp32", "bf16", "mquant-static", "mquant-msq-aifs", "mquant-dynamic", "
 @dataclass(frozen=True)
 class Stack:
     name: str
-    linears: tuple[tuple[str, int, int], ...]  # (name, in, out)
+    linears: tuple[tuple[str, int, int, str], ...]  # (name, in, out, the input it reads)
 
 
 def decoder_stack(name: str, hidden: int, intermediate: int, heads: int, kv_heads: int) -> Stack:
     kv = hidden // heads * kv_heads
-    return Stack(name, (("q_proj", hidden, hidden), ("k_proj", hidden, kv), ("v_proj", hidden, kv),
-                        ("o_proj", hidden, hidden), ("gate_proj", hidden, intermediate),
-                        ("up_proj", hidden, intermediate), ("down_proj", intermediate, hidden)))
+    return Stack(name, (("q_proj", hidden, hidden, "attn"), ("k_proj", hidden, kv, "attn"),
+                        ("v_proj", hidden, kv, "attn"), ("o_proj", hidden, hidden, "attn_out"),
+                        ("gate_proj", hidden, intermediate, "mlp"), ("up_proj", hidden, intermediate, "mlp"),
+                        ("down_proj", intermediate, hidden, "mlp_act")))
 
 
 STACKS = {
@@ -69,14 +73,23 @@ def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float
 
 # -- the paths -----------------------------------------------------------------------------------
 class Layer:
-    """One linear's random W4 weights and its input, in every form a path needs."""
+    """One linear's random W4 weights and its input (shared with the layers reading the same one)."""
 
-    def __init__(self, k: int, n: int, rows: int, g: torch.Generator) -> None:
+    def __init__(self, n: int, x: torch.Tensor, source: str, g: torch.Generator) -> None:
+        k = x.shape[1]
         self.codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
         self.w_scale = torch.rand(n, 1, generator=g) * 0.01 + 1e-3
         self.weight = self.codes.float() * self.w_scale
-        self.x = torch.randn(rows, k, generator=g)
-        self.x_scale = float(self.x.abs().max() / 127)
+        self.x, self.source = x, source
+        self.x_scale = float(x.abs().max() / 127)
+
+
+def stack_layers(stack: Stack, rows: int, seed: int = 0) -> list[Layer]:
+    g = torch.Generator().manual_seed(seed)
+    inputs: dict[str, torch.Tensor] = {}
+    for _, k, _, source in stack.linears:
+        inputs.setdefault(source, torch.randn(rows, k, generator=g))
+    return [Layer(n, inputs[source], source, g) for _, _, n, source in stack.linears]
 
 
 def _mquant(layers: list[Layer], variant: str) -> tuple[Callable, list[str]]:
@@ -84,24 +97,33 @@ def _mquant(layers: list[Layer], variant: str) -> tuple[Callable, list[str]]:
     from mquant.runtime.compiling import compiled
 
     gemms = [int8_ops.Int8Gemm(layer.codes, layer.w_scale, None, None) for layer in layers]
-    xs = [layer.x.to(torch.bfloat16) for layer in layers]
-    scales = [torch.tensor(layer.x_scale) for layer in layers]
-    rows = xs[0].shape[0]
+    xs = {layer.source: layer.x.to(torch.bfloat16) for layer in layers}
+    scales = {layer.source: torch.tensor(layer.x_scale) for layer in layers}
+    rows = layers[0].x.shape[0]
     start, stop = VISUAL if rows > VISUAL[1] else (0, 0)
     static, blocks, dynamic = (compiled(int8_ops.quantize_static), compiled(int8_ops.quantize_two_blocks),
                                compiled(int8_ops.quantize_dynamic))
 
+    def quantize(source: str, unsigned: bool):
+        x, s = xs[source], scales[source]
+        if variant == "dynamic":
+            return dynamic(x, 127, unsigned)
+        if variant == "msq-aifs" and stop > start:
+            return blocks(x, s * 0.5, s, start, stop, -128, 127, unsigned)
+        return static(x, s, -128, 127, unsigned)
+
     def run():
-        for gemm, x, s, layer in zip(gemms, xs, scales, layers):
-            unsigned = gemm.unsigned_input(rows, torch.bfloat16)
+        codes: dict[tuple[str, bool], object] = {}  # each input quantized once per encoding, as the runtime does
+        for gemm, layer in zip(gemms, layers):
+            key = (layer.source, gemm.unsigned_input(rows, torch.bfloat16))
+            if key not in codes:
+                codes[key] = quantize(*key)
             if variant == "dynamic":
-                q, row_scale = dynamic(x, 127, unsigned)
-                gemm.rows(q, row_scale, torch.bfloat16)
+                gemm.rows(*codes[key], torch.bfloat16)
             elif variant == "msq-aifs" and stop > start:
-                q = blocks(x, s * 0.5, s, start, stop, -128, 127, unsigned)
-                gemm.two_blocks(q, layer.x_scale * 0.5, layer.x_scale, start, stop, torch.bfloat16)
+                gemm.two_blocks(codes[key], layer.x_scale * 0.5, layer.x_scale, start, stop, torch.bfloat16)
             else:
-                gemm.scalar(static(x, s, -128, 127, unsigned), layer.x_scale, torch.bfloat16)
+                gemm.scalar(codes[key], layer.x_scale, torch.bfloat16)
 
     run()  # the kernel choices are made (or read) here
     return run, [gemm.kernel_for(rows, torch.bfloat16) for gemm in gemms]
@@ -142,33 +164,36 @@ def _torchao(layers: list[Layer], config_name: str) -> tuple[Callable, list[str]
 
 
 def _openvino(layers: list[Layer]) -> tuple[Callable, list[str]]:
+    """One OpenVINO model per input: its FakeQuantize feeds every linear reading it (q/k/v, gate/up)."""
     import numpy as np
     import openvino as ov
     import openvino.opset13 as ops
 
     core = ov.Core()
     requests, primitives = [], []
-    for layer in layers:
-        rows, k = layer.x.shape
-        x = ops.parameter([rows, k], ov.Type.f32, name="x")
-        lo, hi = ops.constant(np.float32(-128 * layer.x_scale)), ops.constant(np.float32(127 * layer.x_scale))
-        weight = ops.multiply(ops.convert(ops.constant(layer.codes.numpy()), ov.Type.f32),
-                              ops.constant(layer.w_scale.numpy().astype(np.float32)))
-        y = ops.matmul(ops.fake_quantize(x, lo, hi, lo, hi, 256), weight, False, True)
-        compiled_model = core.compile_model(ov.Model([y], [x], "linear"), "CPU", {
+    for source in dict.fromkeys(layer.source for layer in layers):
+        readers = [layer for layer in layers if layer.source == source]
+        first = readers[0]
+        x = ops.parameter(list(first.x.shape), ov.Type.f32, name="x")
+        lo, hi = ops.constant(np.float32(-128 * first.x_scale)), ops.constant(np.float32(127 * first.x_scale))
+        quantized = ops.fake_quantize(x, lo, hi, lo, hi, 256)
+        outputs = [ops.matmul(quantized, ops.multiply(ops.convert(ops.constant(r.codes.numpy()), ov.Type.f32),
+                                                      ops.constant(r.w_scale.numpy().astype(np.float32))), False, True)
+                   for r in readers]
+        compiled_model = core.compile_model(ov.Model(outputs, [x], source), "CPU", {
             "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"})
         request = compiled_model.create_infer_request()
-        request.set_input_tensor(ov.Tensor(layer.x.numpy()))
+        request.set_input_tensor(ov.Tensor(first.x.numpy()))
         requests.append(request)
-        ran = [op.get_rt_info()["primitiveType"].astype(str) for op in compiled_model.get_runtime_model().get_ordered_ops()
-               if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
-        primitives.append(ran[0] if ran else "?")
+        primitives += [op.get_rt_info()["primitiveType"].astype(str)
+                       for op in compiled_model.get_runtime_model().get_ordered_ops()
+                       if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
 
     def run():
         for request in requests:
             request.infer()
 
-    return run, primitives
+    return run, primitives or ["?"]
 
 
 def path_runner(path: str, layers: list[Layer]) -> tuple[Callable, list[str]]:
@@ -192,8 +217,7 @@ def run_peers(stacks: list[str] | None = None, rows: list[str] | None = None, pa
     for stack_name in stacks or list(STACKS):
         stack = STACKS[stack_name]
         for rows_name in rows or list(ROWS):
-            g = torch.Generator().manual_seed(0)
-            layers = [Layer(k, n, ROWS[rows_name], g) for _, k, n in stack.linears]
+            layers = stack_layers(stack, ROWS[rows_name])
             entry = {"stack": stack_name, "rows": rows_name, "m": ROWS[rows_name], "ms": {}, "kernels": {}}
             for path in paths:
                 try:

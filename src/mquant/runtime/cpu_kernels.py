@@ -153,10 +153,16 @@ def _float_prepare(codes, w_scale, dtype):
 
 
 def _float_run(weight_kn, q, x_scale, bias, dtype):
-    x = q.to(dtype)  # codes are small integers: exact in bf16
+    x = q.to(weight_kn.dtype)  # codes are small integers: exact in bf16
     if bias is None:
-        return torch.mm(x, weight_kn).mul_(x_scale)
-    return torch.addmm(bias.to(dtype), x, weight_kn, alpha=x_scale)
+        y = torch.mm(x, weight_kn).mul_(x_scale)
+    else:
+        y = torch.addmm(bias.to(weight_kn.dtype), x, weight_kn, alpha=x_scale)
+    return y.to(dtype)
+
+
+def _float32_prepare(codes, w_scale, dtype):
+    return _float_prepare(codes, w_scale, torch.float32)
 
 
 # Weight-only kernels (the codes, as floats, times int8 or int4 weights with their scales): they read
@@ -194,14 +200,18 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("onednn-s8", False, _onednn_prepare, _onednn_run(0), onednn_available),
     Kernel("int_mm", False, _int_mm_prepare, _int_mm_run),
     Kernel("float", False, _float_prepare, _float_run),
-    Kernel("int8pack", False, _int8pack_prepare, _int8pack_run, lambda: hasattr(torch, "_weight_int8pack_mm")),
+    # fp32 products have the least fixed cost per call (MKL's small-matrix path): tiny layers.
+    Kernel("float32", False, _float32_prepare, _float_run),
+    # (torch 2.13's bf16 int8pack kernel crashes on an in-width not a multiple of 16, M > 1: measured)
+    Kernel("int8pack", False, _int8pack_prepare, _int8pack_run, lambda: hasattr(torch, "_weight_int8pack_mm"),
+           fits=lambda k, n, four_bit: k % 16 == 0),
     Kernel("int4pack", False, _int4pack_prepare, _int4pack_run, lambda: hasattr(torch, "_weight_int4pack_mm_for_cpu"),
            fits=lambda k, n, four_bit: four_bit and k % 32 == 0 and n % 16 == 0),
 )}
 # oneDNN's u8 and s8 paths read the same packed weight.
 STATE_OF = {name: "onednn" if name.startswith("onednn") else name for name in KERNELS}
 # Those whose prepared weight depends on the activation dtype.
-DTYPED = ("float", "int8pack", "int4pack")
+DTYPED = ("float", "int8pack", "int4pack")  # (float32's is always fp32)
 
 
 def encode(q: torch.Tensor, unsigned: bool) -> torch.Tensor:
@@ -292,12 +302,13 @@ class KernelTable:
             choice = min(timings, key=timings.get)
             self.choices[key] = choice
             self._save()
-        if choice == "float" and not self._announced:
+        if choice in ("float", "float32") and not self._announced:
             self._announced = True
             name = str(dtype).removeprefix("torch.")
             warnings.warn(f"cpu-int8: no integer kernel beats {name} on this CPU for {k} x {n} at up to "
-                          f"{row_bucket(rows)} rows (nor for any other shape marked \"float\" in {self.path}); "
-                          f"those products run in {name} on the dequantized weights, with the same codes")
+                          f"{row_bucket(rows)} rows (nor for any other shape marked \"float\" or \"float32\" in "
+                          f"{self.path}); those products run in floating point on the dequantized weights, "
+                          f"with the same codes")
         return choice
 
 
