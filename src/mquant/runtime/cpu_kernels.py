@@ -46,6 +46,7 @@ SCREEN_SHAPE = (64, 512, 512)  # rows, in, out of the once-per-machine screening
 SCREEN_FACTOR = 20.0  # a candidate this much slower than the best there is dropped on this machine
 BUDGET_S = 0.05  # timed calls of one candidate stop after this long (at least one, at most REPEATS)
 REPEATS = 3
+TIMED_ROWS = 1024  # larger row buckets are timed at this many rows
 
 
 # -- what the CPU offers ---------------------------------------------------------------------------
@@ -225,9 +226,11 @@ def row_bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
-def _time_candidate(kernel: Kernel, rows: int, k: int, n: int, dtype: torch.dtype, budget: float) -> float:
+def _time_candidate(kernel: Kernel, rows: int, k: int, n: int, dtype: torch.dtype, budget: float,
+                    give_up: float = float("inf")) -> float:
     """Median seconds of one call on a synthetic problem of this shape (after one untimed warm-up,
-    which also compiles); one timed call when the warm-up alone overran the budget."""
+    which also compiles); one timed call when the warm-up alone overran the budget, none (the
+    warm-up's time) when it took longer than `give_up`."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
     state = kernel.prepare(codes, torch.rand(n, generator=g) * 0.01 + 1e-3, dtype)
@@ -236,6 +239,8 @@ def _time_candidate(kernel: Kernel, rows: int, k: int, n: int, dtype: torch.dtyp
     start = time.perf_counter()
     kernel.run(state, q, 0.05, bias, dtype)
     warm = time.perf_counter() - start
+    if warm > give_up:
+        return warm
     times = []
     while len(times) < (1 if warm > budget else REPEATS) and (not times or sum(times) < budget):
         start = time.perf_counter()
@@ -296,8 +301,16 @@ class KernelTable:
         key = f"{k}x{n}:w{4 if four_bit else 8}:r{row_bucket(rows)}:{str(dtype).removeprefix('torch.')}"
         choice = self.choices.get(key)
         if choice not in self.candidates:
-            usable = [name for name in self.usable() if KERNELS[name].fits(k, n, four_bit)]
-            timings = {name: _time_candidate(KERNELS[name], row_bucket(rows), k, n, dtype, BUDGET_S) for name in usable}
+            # The fastest on the screening problem first, so that a candidate far behind the best
+            # so far is dropped after its first call; buckets past TIMED_ROWS are timed at it
+            # (compute-bound there: the ranking holds, the calibration stays seconds).
+            usable = sorted((name for name in self.usable() if KERNELS[name].fits(k, n, four_bit)),
+                            key=self.screened.get)
+            timings: dict[str, float] = {}
+            for name in usable:
+                give_up = SCREEN_FACTOR * min(timings.values(), default=float("inf"))
+                timings[name] = _time_candidate(KERNELS[name], min(row_bucket(rows), TIMED_ROWS), k, n, dtype,
+                                                BUDGET_S, give_up)
             self.timed += len(usable)
             choice = min(timings, key=timings.get)
             self.choices[key] = choice
