@@ -10,10 +10,14 @@ and activation codes q [rows, in]; the integer ones accumulate exactly in int32.
   The + 128 is part of the quantizer's single pass, so it costs nothing here.
 - `onednn-s8`: the same with signed codes (AMX's path).
 - `int_mm`: `torch._int_mm` (int32 out) and a compiled epilogue.
-- `float`: the codes in the activation dtype (small integers: exact in bf16) times the dequantized
-  weights in that dtype, prepared once chosen: what runs a shape where no integer kernel beats bf16
-  here (the same codes, so the fake-quant model's results within bf16 rounding); it is announced
-  once per shape.
+- `int8pack`, `int4pack`: torch's weight-only products (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`) of the codes as floats (small integers: exact) and the int8 or
+  packed int4 weights with their scales: they read 1 or 1/2 byte per weight where bf16 reads 2, so
+  they are what decode steps (a few rows, bandwidth-bound) run.
+- `float`, `float32`: the codes times the dequantized weights in the activation dtype, or in fp32
+  (whose small-matrix path has the least fixed cost per call: tiny layers), prepared once chosen:
+  what runs a shape where no integer kernel beats floating point here. Same codes, so the
+  fake-quant model's results within float rounding; it is announced once.
 
 Which kernel runs a shape is measured, not assumed: `KernelTable` times the candidates once per
 (machine, in, out, row bucket) on a synthetic problem of that shape (a time budget per candidate),
