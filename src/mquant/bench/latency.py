@@ -367,8 +367,15 @@ def ratios(times: dict, gemm_ms: float | None) -> dict:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-TARGETS = {"static_aifs_vs_dynamic": (">=", 1.25), "static_aifs_vs_bf16": (">=", 1.5),
-           "static_aifs_vs_msq_no_aifs": (">=", 1.05), "act_quant_overhead": ("<=", 0.25)}
+# The project's targets per backend (CPU: issue [2/7], against a compute ceiling of 2.0x bf16 on
+# AVX-512 VNNI without AMX; GPU: the first runtime issue's).
+TARGETS = {
+    "cpu-int8": {"static_aifs_vs_dynamic": (">=", 1.2), "static_aifs_vs_bf16": (">=", 1.85),
+                 "static_aifs_vs_msq_no_aifs": (">=", 1.05), "act_quant_overhead": ("<=", 0.10),
+                 "prefill_vs_bf16": (">=", 1.6), "decode_vs_bf16": (">=", 1.0)},
+    "triton": {"static_aifs_vs_dynamic": (">=", 1.25), "static_aifs_vs_bf16": (">=", 1.5),
+               "static_aifs_vs_msq_no_aifs": (">=", 1.05), "act_quant_overhead": ("<=", 0.25)},
+}
 
 
 def markdown(result: dict) -> str:
@@ -389,7 +396,7 @@ def markdown(result: dict) -> str:
     for key, value in result["ratios"].items():
         if value is None:
             continue
-        target = TARGETS.get(key)
+        target = TARGETS.get(result["backend"], {}).get(key)
         mark = ""
         if target:
             ok = value >= target[1] if target[0] == ">=" else value <= target[1]
