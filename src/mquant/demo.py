@@ -9,7 +9,7 @@ evaluate each quantized model, and write `<model>/results.json`, `report.md`, `p
 
 Modes size the run to a budget (2 CPU cores of an AMD EPYC): `fast` (within 3 minutes: GPTQ and
 MQuant, a few test questions), the default (the recipes every comparison needs, a subset of each
-test split, within about 15 minutes without the integer backend's work) and `full` (every preset and
+test split, within about 15 minutes, integer backend included) and `full` (every preset and
 every test question, no budget). Each report states the 95 % interval its test sizes give.
 """
 
