@@ -101,7 +101,7 @@ MODELS = {
 MODES = {
     # Sized for 2 AMD EPYC cores: a real-weights row costs about 50 s to quantize (16 samples) and
     # 25 s to score 4 x 32 questions; an embedded row a few seconds.
-    "fast": Mode(("gptq-w4a8", "mquant-w4a8"), {"real": 16, "embedded": 24}, {"real": 8, "embedded": 16}, 4),
+    "fast": Mode(("gptq-w4a8", "mquant-w4a8"), {"real": 16, "embedded": 24}, {"real": 6, "embedded": 16}, 4),
     "default": Mode(COMPARISON, {"real": 32, "embedded": 48}, {"real": 16, "embedded": 32}, 8),
     "full": Mode(None, {"real": None, "embedded": None}, {"real": 32, "embedded": 64}, 16, exports=True),
 }
