@@ -314,7 +314,7 @@ def _norms_of_every_kind():
 @pytest.mark.parametrize("kind", ["rms", "weightless", "masked", "centering", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norm_gives_the_separate_quantizers_codes_ties_included(kind, dtype):
-    from mquant.runtime.fused_norm import norm_kind, norm_quantize
+    from mquant.runtime.fused_norm import norm_kind, norm_params, norm_quantize
 
     norm = _norms_of_every_kind()[kind].to(dtype)
     assert norm_kind(norm) == kind
@@ -323,8 +323,7 @@ def test_fused_norm_gives_the_separate_quantizers_codes_ties_included(kind, dtyp
     tie_row = torch.tensor([1.5, -1.5, 1.5, -1.5, 1.5, -1.5, 2.5, -3.5])
     x = torch.cat([tie_row[None], torch.randn(40, 8) * 3]).to(dtype)
     inner, outer = torch.tensor(0.5), torch.tensor(0.125)
-    weight = getattr(norm, "weight", None) if kind in ("rms", "layer") else None
-    bias = norm.bias if kind == "layer" else None
+    weight, bias, _ = norm_params(norm, kind)
     y, signed, unsigned, _ = norm_quantize(x, weight, bias, 0.0, kind, inner, outer, 0, 20, -128, 127, False, True, True)
     torch.testing.assert_close(y.float(), norm(x).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
     separate = int8_ops.quantize_two_blocks(y, inner, outer, 0, 20, -128, 127)

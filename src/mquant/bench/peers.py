@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from mquant.bench.latency import median_ms
 
 PATHS = ("fp32", "bf16", "mquant-static", "mquant-msq-aifs", "mquant-dynamic", "torchao-int8-dynamic",
          "torchao-da8w4", "openvino-int8")
@@ -58,17 +59,6 @@ STACKS = {
 }
 ROWS = {"prefill": 1088, "decode-16": 16, "decode-1": 1}  # prefill: 1024 visual + 64 text tokens
 VISUAL = (21, 21 + 1024)  # the visual block of the prefill rows (text before and after it)
-
-
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):  # compilation, kernel choice
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 # -- the paths -----------------------------------------------------------------------------------
@@ -225,7 +215,7 @@ def run_peers(stacks: list[str] | None = None, rows: list[str] | None = None, pa
                 except Exception as exc:  # a peer that is not installed or does not run on this CPU
                     skipped[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                     continue
-                entry["ms"][path] = round(_median_ms(run, repeats), 4)
+                entry["ms"][path] = round(median_ms(run, repeats, torch.device("cpu")), 4)
                 entry["kernels"][path] = sorted(set(kernels))
                 say(f"  {stack_name} {rows_name} {path}: {entry['ms'][path]:.3f} ms ({', '.join(entry['kernels'][path])})",
                     flush=True)

@@ -220,8 +220,13 @@ DTYPED = ("float", "int8pack", "int4pack")  # (float32's is always fp32)
 
 
 def encode(q: torch.Tensor, unsigned: bool) -> torch.Tensor:
-    """Signed int8 codes in the encoding a kernel takes (a pass: the quantizers do this in theirs)."""
-    return (q.to(torch.int16) + ZERO_POINT_U8).to(torch.uint8) if unsigned else q
+    """Codes in the encoding a kernel takes, from either (a pass: the quantizers write the right one
+    in their own)."""
+    if unsigned == (q.dtype == torch.uint8):
+        return q
+    if unsigned:
+        return (q.to(torch.int16) + ZERO_POINT_U8).to(torch.uint8)
+    return (q.to(torch.int16) - ZERO_POINT_U8).to(torch.int8)
 
 
 # -- which kernel runs a shape ---------------------------------------------------------------------
@@ -253,8 +258,8 @@ def _time_candidate(kernel: Kernel, rows: int, k: int, n: int, dtype: torch.dtyp
     return sorted(times)[len(times) // 2]
 
 
-def machine_key(features: CpuFeatures | None = None) -> str:
-    features = features or cpu_features()
+def machine_key() -> str:
+    features = cpu_features()
     text = json.dumps([features.model, features.flags(), torch.__version__, torch.get_num_threads()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -263,9 +268,9 @@ class KernelTable:
     """Which kernel runs each (in, out, row bucket, dtype) on this machine, measured once and kept on
     disk. `timed` counts the synthetic problems timed by this table (tests read it)."""
 
-    def __init__(self, path: Path | None = None, candidates: tuple[str, ...] | None = None) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_root() / "cpu-kernels" / f"{machine_key()}.json"
-        self.candidates = tuple(c for c in (candidates or tuple(KERNELS)) if KERNELS[c].available())
+        self.candidates = tuple(name for name, kernel in KERNELS.items() if kernel.available())
         self.timed = 0
         self._announced = False  # the float fallback is announced once
         data = self._read()

@@ -52,6 +52,13 @@ def norm_kind(norm: nn.Module) -> str | None:
     return None
 
 
+def norm_params(norm: nn.Module, kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """(gain, shift, eps) of a norm of `kind`, as `norm_quantize` takes them."""
+    weight = norm.weight if kind in ("rms", "layer") else None
+    bias = norm.bias if kind == "layer" else None
+    return weight, bias, _eps(norm) if kind == "rms" else norm.eps
+
+
 def _eps(norm: nn.Module) -> float | None:
     for name in ("variance_epsilon", "eps"):
         value = getattr(norm, name, None)
@@ -109,7 +116,6 @@ class QuantizingNorm(nn.Module):
         super().__init__()
         self.norm, self.kind = norm, kind
         self._readers = tuple(readers)  # a tuple, not submodules: they stay where the model has them
-        self.eps = _eps(norm) if kind == "rms" else norm.eps
         self.fused_calls = 0
         # A reader that does not multiply the norm's output as it is (Qwen2-VL's merger reads it
         # merged four tokens to a row) quantizes for itself: seen on the next call, the fusion stops.
@@ -135,12 +141,11 @@ class QuantizingNorm(nn.Module):
         encodings = {r.gemm.unsigned_input(rows, first.dtype) for r in self._readers}
         dynamic = how[0] == "dynamic"
         start, stop = (how[1], how[2]) if how[0] == "block" else (0, 0)
-        weight = getattr(self.norm, "weight", None) if self.kind in ("rms", "layer") else None
-        bias = self.norm.bias if self.kind == "layer" else None
+        weight, bias, eps = norm_params(self.norm, self.kind)
         inner = first.visual_scale_t if how[0] == "block" else None
         outer = None if dynamic else first.text_scale_t
         y, signed, unsigned, row_scale = compiled(norm_quantize)(
-            x, weight, bias, self.eps, self.kind, inner if inner is not None else outer, outer, start, stop,
+            x, weight, bias, eps, self.kind, inner if inner is not None else outer, outer, start, stop,
             first.qmin, first.qmax, dynamic, False in encodings, True in encodings)
         shape = (rows, x.shape[-1])
         for is_unsigned, codes in ((False, signed), (True, unsigned)):
@@ -159,9 +164,7 @@ def _computes_like(norm: nn.Module, kind: str, dtype: torch.dtype) -> bool:
     """Whether the fused pass's norm matches the module's own forward on a random input."""
     width = next((p.shape[-1] for p in norm.parameters()), None) or 64
     x = torch.randn(4, width, generator=torch.Generator().manual_seed(0)).to(dtype) * 3
-    weight = getattr(norm, "weight", None) if kind in ("rms", "layer") else None
-    bias = norm.bias if kind == "layer" else None
-    eps = _eps(norm) if kind == "rms" else norm.eps
+    weight, bias, eps = norm_params(norm, kind)
     one = torch.ones((), dtype=torch.float32)
     ours = norm_quantize(x, weight, bias, eps, kind, one, one, 0, 0, -128, 127, False, False, False)[0]
     theirs = norm(x)

@@ -79,7 +79,7 @@ class Int8Gemm:
             self.codes_kn = torch.nn.functional.pad(codes, (0, self._pad_in, 0, pad_out)).t().contiguous()
             kernel = "int_mm"
         self.four_bit = bool(codes.numel() == 0 or (codes.min() >= -8 and codes.max() <= 7))
-        if kernel != "auto" and kernel != "int_mm":
+        if kernel != "auto":
             if not cpu_kernels.KERNELS[kernel].available():
                 raise ValueError(f"int8 kernel {kernel!r} is not available in this torch build")
             if not cpu_kernels.KERNELS[kernel].fits(self.in_features, self.out_features, self.four_bit):
@@ -128,11 +128,10 @@ class Int8Gemm:
         return cpu_kernels.KERNELS[self.kernel_for(rows, dtype)].unsigned
 
     def _product(self, q, x_scale, bias, dtype):
-        if self.kernel == "int_mm" and (self.cuda or self.group_size is not None):
-            return self._padded_or_grouped(_signed(q), x_scale, bias, dtype)
+        if self.cuda or self.group_size is not None:
+            return self._padded_or_grouped(cpu_kernels.encode(q, False), x_scale, bias, dtype)
         kernel = cpu_kernels.KERNELS[self.kernel_for(q.shape[0], dtype)]
-        if kernel.unsigned != (q.dtype == torch.uint8):
-            q = cpu_kernels.encode(q, True) if kernel.unsigned else _signed(q)
+        q = cpu_kernels.encode(q, kernel.unsigned)
         key = (cpu_kernels.STATE_OF[kernel.name], dtype if kernel.name in cpu_kernels.DTYPED else None)
         if key not in self._states:
             self._states[key] = kernel.prepare(self._codes, self.w_scale.reshape(-1), dtype)
@@ -151,7 +150,3 @@ class Int8Gemm:
             out += acc.float() * self.w_scale[:, i]
         out *= x_scale
         return (out if bias is None else out + bias).to(dtype)
-
-
-def _signed(q: torch.Tensor) -> torch.Tensor:
-    return (q.to(torch.int16) - cpu_kernels.ZERO_POINT_U8).to(torch.int8) if q.dtype == torch.uint8 else q
