@@ -8,7 +8,7 @@ from mquant.errors import MquantError
 from mquant.models.vlm import load_pretrained
 from mquant.pipeline.calib import synthetic_samples
 from mquant.runtime import int8_ops
-from mquant.runtime import compiling, cpu_kernels
+from mquant.runtime import compiling, cpu_kernels, native
 from mquant.runtime.int8_ops import Int8Gemm
 from mquant.runtime.int_linear import int_linears
 from mquant.runtime.backends import triton_unavailable_reason
@@ -53,7 +53,8 @@ def test_int8_gemm_scale_layouts_match_the_formula(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("rows,k,n", [(1, 7, 13), (17, 33, 5), (5, 200, 9), (3, 96, 48), (16, 48, 40)])
+@pytest.mark.parametrize("rows,k,n", [(1, 7, 13), (17, 33, 5), (5, 200, 9), (3, 96, 48), (16, 48, 40), (13, 200, 64),
+                                      (9, 36, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_kernel_is_exact_on_ragged_shapes_in_either_code_encoding(kernel, unsigned, rows, k, n, dtype):
     if not cpu_kernels.KERNELS[kernel].fits(k, n, True):
@@ -80,9 +81,76 @@ def test_unsigned_codes_are_the_signed_ones_plus_128(compile_):
     assert torch.equal(q.int() - 128, int8_ops.quantize_dynamic(x, 127)[0].int())
 
 
+needs_native = pytest.mark.skipif(not native.available(), reason="no AVX-512 VNNI (or no C compiler) here")
+
+
+@needs_native
+@pytest.mark.parametrize("four_bit", [True, False])
+def test_native_products_are_exact_at_the_extremes_of_both_grids(four_bit):
+    """Full-range codes (u8 0 and 255, weights -8/7 or -128/127) at a width where a saturating or
+    16-bit accumulation would show: the int32 accumulator is the integer product exactly."""
+    lo, hi = (-8, 7) if four_bit else (-128, 127)
+    w = _codes((32, 4096), lo, hi, 7)
+    w[0], w[1] = lo, hi
+    q = _codes((6, 4096), -128, 127, 8)
+    q[0], q[1] = -128, 127
+    acc = native.PackedWeight(w, torch.ones(32), four_bit)(cpu_kernels.encode(q, True), 1.0, None, torch.float32)
+    exact = q.double() @ w.double().T
+    assert exact.abs().max() > 2 ** 20 and torch.equal(acc.double(), exact)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_native_quantizers_give_the_reference_codes(dtype, unsigned):
+    """Static, two-block, per-row and dynamic codes equal the PyTorch quantizers' (ties at .5 included)
+    on ragged widths and on rows that are a view into a wider tensor."""
+    g = torch.Generator().manual_seed(0)
+    for width in (7, 16, 200):
+        x = (torch.randn(11, width + 3, generator=g) * 4).to(dtype)
+        x[0, :4] = torch.tensor([0.05, 0.15, -0.25, 0.35])  # exactly between two codes at scale 0.1
+        x = x[:, :width]  # rows `width + 3` apart
+        s, inner, rows = torch.tensor(0.1), torch.tensor(0.37), torch.rand(11, 1, generator=g) + 0.05
+        assert torch.equal(int8_ops.static_codes(x, 0.1, s, -128, 127, unsigned),
+                           int8_ops.quantize_static(x, s, -128, 127, unsigned))
+        assert torch.equal(int8_ops.two_block_codes(x, 0.37, 0.1, inner, s, 2, 9, -8, 7, unsigned),
+                           int8_ops.quantize_two_blocks(x, inner, s, 2, 9, -8, 7, unsigned))
+        assert torch.equal(int8_ops.row_codes(x, rows, -128, 127, unsigned),
+                           int8_ops.quantize_static(x, rows, -128, 127, unsigned))
+        (q, scale), (ref_q, ref_scale) = int8_ops.dynamic_codes(x, 127, unsigned), int8_ops.quantize_dynamic(x, 127, unsigned)
+        assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+
+
+def test_native_kernels_step_aside_when_turned_off_or_unbuildable(monkeypatch, tmp_path):
+    monkeypatch.setenv("MQUANT_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        monkeypatch.setenv("MQUANT_NATIVE", "0")
+        assert native.library() is None and not native.quantizes(torch.zeros(2, 8))
+        native.library.cache_clear()
+        monkeypatch.setenv("MQUANT_NATIVE", "1")
+        monkeypatch.setenv("CC", "false")  # a compiler that fails
+        if cpu_kernels.cpu_features().avx512_vnni:
+            with pytest.warns(UserWarning, match="native VNNI kernels are unavailable"):
+                assert native.library() is None
+            assert not list(tmp_path.glob("native/*.so"))  # nothing half-built is left to be loaded
+    finally:
+        native.library.cache_clear()
+
+
+def test_kernel_choices_are_remade_when_the_candidates_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_time_candidate", lambda kernel, *args, **kw: 1.0)
+    table = cpu_kernels.KernelTable(tmp_path / "table.json")
+    table.choose(64, 64, 32, torch.bfloat16)
+    assert cpu_kernels.KernelTable(table.path).choices  # the same candidates: the choices are kept
+    fewer = cpu_kernels.KernelTable(table.path)
+    fewer.candidates = fewer.candidates[:-1]  # e.g. the native kernels turned off
+    assert fewer._read() == {}
+
+
 def test_kernel_choices_are_measured_once_per_machine_and_kept_on_disk(tmp_path, monkeypatch):
     cost = {"onednn-u8": 1.0, "onednn-s8": 500.0, "int_mm": 2.0, "float": 1.5, "float32": 2.5, "int8pack": 3.0,
-            "int4pack": 4.0}
+            "int4pack": 4.0, "vnni-w4": 1.2, "vnni-w8": 1.3}
     calls = []
 
     def fake_time(kernel, rows, k, n, dtype, budget, give_up=float("inf")):
@@ -336,9 +404,11 @@ def test_fused_norm_gives_the_separate_quantizers_codes_ties_included(kind, dtyp
 
 
 @pytest.mark.parametrize("recipe", ["mquant-w4a8", "quarot-w4a8-dynamic"])
-def test_fused_norms_run_the_same_model(tiny_dirs, family, recipe, tmp_path_factory):
+def test_fused_norms_run_the_same_model(tiny_dirs, family, recipe, tmp_path_factory, monkeypatch):
+    from mquant.runtime import fused_norm
     from mquant.runtime.fused_norm import QuantizingNorm
 
+    monkeypatch.setattr(fused_norm, "NATIVE_BELOW", 0)  # the tiny models' inputs would run unfused
     path = _quantized_dir(tiny_dirs, family, recipe, tmp_path_factory)
     fused = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
     plain = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
@@ -363,3 +433,19 @@ def test_fused_norms_run_the_same_model(tiny_dirs, family, recipe, tmp_path_fact
             assert norm.active or not name.startswith(lm)
             if norm.active:
                 assert all(r.calls > 0 and r.quantizations == 0 for r in norm._readers)
+
+
+@needs_native
+def test_small_inputs_skip_the_fused_pass_and_share_one_native_quantization(tiny_dirs, tmp_path_factory):
+    from mquant.runtime.fused_norm import QuantizingNorm
+
+    path = _quantized_dir(tiny_dirs, "llava", "mquant-w4a8", tmp_path_factory)
+    vlm = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
+    fake = mquant.load(path)
+    sample = synthetic_samples(1, 11)[0]
+    ref, out = fake.logits(sample), vlm.logits(sample)
+    assert (out - ref).abs().max() <= 3e-3 * ref.abs().max()
+    norms = [m for m in vlm.model.modules() if isinstance(m, QuantizingNorm)]
+    assert norms and all(norm.fused_calls == 0 for norm in norms)
+    for norm in norms:  # one quantization per call of the norm, shared by its readers
+        assert sum(r.quantizations for r in norm._readers) == max(r.calls for r in norm._readers) > 0

@@ -84,23 +84,20 @@ def stack_layers(stack: Stack, rows: int, seed: int = 0) -> list[Layer]:
 
 def _mquant(layers: list[Layer], variant: str) -> tuple[Callable, list[str]]:
     from mquant.runtime import int8_ops
-    from mquant.runtime.compiling import compiled
 
     gemms = [int8_ops.Int8Gemm(layer.codes, layer.w_scale, None, None) for layer in layers]
     xs = {layer.source: layer.x.to(torch.bfloat16) for layer in layers}
-    scales = {layer.source: torch.tensor(layer.x_scale) for layer in layers}
+    scales = {layer.source: (layer.x_scale, torch.tensor(layer.x_scale)) for layer in layers}
     rows = layers[0].x.shape[0]
     start, stop = VISUAL if rows > VISUAL[1] else (0, 0)
-    static, blocks, dynamic = (compiled(int8_ops.quantize_static), compiled(int8_ops.quantize_two_blocks),
-                               compiled(int8_ops.quantize_dynamic))
 
-    def quantize(source: str, unsigned: bool):
-        x, s = xs[source], scales[source]
+    def quantize(source: str, unsigned: bool):  # as IntLinear quantizes its input
+        x, (s, s_t) = xs[source], scales[source]
         if variant == "dynamic":
-            return dynamic(x, 127, unsigned)
+            return int8_ops.dynamic_codes(x, 127, unsigned)
         if variant == "msq-aifs" and stop > start:
-            return blocks(x, s * 0.5, s, start, stop, -128, 127, unsigned)
-        return static(x, s, -128, 127, unsigned)
+            return int8_ops.two_block_codes(x, s * 0.5, s, s_t * 0.5, s_t, start, stop, -128, 127, unsigned)
+        return int8_ops.static_codes(x, s, s_t, -128, 127, unsigned)
 
     def run():
         codes: dict[tuple[str, bool], object] = {}  # each input quantized once per encoding, as the runtime does

@@ -14,6 +14,9 @@ and activation codes q [rows, in]; the integer ones accumulate exactly in int32.
   `_weight_int4pack_mm_for_cpu`) of the codes as floats (small integers: exact) and the int8 or
   packed int4 weights with their scales: they read 1 or 1/2 byte per weight where bf16 reads 2, so
   they are what decode steps (a few rows, bandwidth-bound) run.
+- `vnni-w4`, `vnni-w8`: mquant's own AVX-512 VNNI kernels (`mquant.runtime.native`, built on
+  first use): unsigned codes times the 4-bit weights read packed two per byte (or the 8-bit ones),
+  epilogue fused, a few microseconds per call: decode steps and small layers.
 - `float`, `float32`: the codes times the dequantized weights in the activation dtype, or in fp32
   (whose small-matrix path has the least fixed cost per call: tiny layers), prepared once chosen:
   what runs a shape where no integer kernel beats floating point here. Same codes, so the
@@ -43,6 +46,7 @@ from typing import Callable
 import torch
 
 from mquant.fileio import cache_root, write_json_atomic
+from mquant.runtime import native
 from mquant.runtime.compiling import compiled, scale_output
 
 ZERO_POINT_U8 = 128  # unsigned codes are the signed ones plus this
@@ -113,7 +117,8 @@ def onednn_available() -> bool:
 class Kernel:
     """`prepare(codes [out, in] int8, w_scale [out] fp32, dtype)` builds the weight state once;
     `run(state, q, x_scale, bias, dtype)` multiplies codes q (uint8 = code + 128 when `unsigned`).
-    `fits(in, out, four_bit)`: whether it takes weights of this shape (and code range)."""
+    `fits(in, out, four_bit)`: whether it takes weights of this shape (and code range);
+    `row_scales`: whether `run` also takes x_scale as one scale per row ([rows, 1]) in its epilogue."""
 
     name: str
     unsigned: bool
@@ -121,6 +126,7 @@ class Kernel:
     run: Callable
     available: Callable[[], bool] = lambda: True
     fits: Callable[[int, int, bool], bool] = lambda k, n, four_bit: True
+    row_scales: bool = False
 
 
 def _finish(y: torch.Tensor, x_scale: float, bias: torch.Tensor | None) -> torch.Tensor:
@@ -200,6 +206,20 @@ def _int4pack_run(state, q, x_scale, bias, dtype):
     return _finish(torch._weight_int4pack_mm_for_cpu(q.to(dtype), packed, group, scales_and_zeros), x_scale, bias)
 
 
+def _vnni_prepare(four_bit: bool):
+    return lambda codes, w_scale, dtype: native.PackedWeight(codes, w_scale, four_bit)
+
+
+def _vnni_run(weight, q, x_scale, bias, dtype):
+    """`x_scale`: one number, or one per row ([rows, 1] fp32: the epilogue applies it)."""
+    out = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    if isinstance(x_scale, torch.Tensor):
+        y = weight(q, 1.0, bias, out, x_scale.float().contiguous())
+    else:
+        y = weight(q, x_scale, bias, out)
+    return y if out == dtype else y.to(dtype)
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("onednn-u8", True, _onednn_prepare, _onednn_run(ZERO_POINT_U8), onednn_available),
     Kernel("onednn-s8", False, _onednn_prepare, _onednn_run(0), onednn_available),
@@ -212,6 +232,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            fits=lambda k, n, four_bit: k % 16 == 0),
     Kernel("int4pack", False, _int4pack_prepare, _int4pack_run, lambda: hasattr(torch, "_weight_int4pack_mm_for_cpu"),
            fits=lambda k, n, four_bit: four_bit and k % 32 == 0 and n % 16 == 0),
+    Kernel("vnni-w4", True, _vnni_prepare(True), _vnni_run, native.available,
+           fits=lambda k, n, four_bit: four_bit and native.fits(k, n, True), row_scales=True),
+    Kernel("vnni-w8", True, _vnni_prepare(False), _vnni_run, native.available,
+           fits=lambda k, n, four_bit: native.fits(k, n, False), row_scales=True),
 )}
 # oneDNN's u8 and s8 paths read the same packed weight.
 STATE_OF = {name: "onednn" if name.startswith("onednn") else name for name in KERNELS}
@@ -282,7 +306,10 @@ class KernelTable:
             data = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
-        return data if isinstance(data, dict) and data.get("machine") == cpu_features().describe() else {}
+        # Choices made among other candidates (a kernel added, or one unavailable now) are remade.
+        same = isinstance(data, dict) and data.get("machine") == cpu_features().describe() \
+            and data.get("candidates") == list(self.candidates)
+        return data if same else {}
 
     def _save(self) -> None:
         # Another process may have added choices since this one read the file: merge, then replace.
@@ -290,7 +317,8 @@ class KernelTable:
         choices = {**on_disk.get("choices", {}), **self.choices}
         try:
             write_json_atomic(self.path, {"machine": cpu_features().describe(), "torch": torch.__version__,
-                                          "threads": torch.get_num_threads(), "screened": self.screened,
+                                          "threads": torch.get_num_threads(), "candidates": list(self.candidates),
+                                          "screened": self.screened,
                                           "choices": dict(sorted(choices.items()))})
         except OSError as exc:  # a read-only cache costs a re-measurement next time, nothing else
             warnings.warn(f"could not write the CPU kernel choices to {self.path}: {exc}")

@@ -22,9 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mquant.numerics.grid import MIN_SCALE
-from mquant.runtime.compiling import compiled
+from mquant.runtime import native
+from mquant.runtime.compiling import EAGER_BELOW, compiled
 from mquant.runtime.cpu_kernels import ZERO_POINT_U8
 from mquant.runtime.int_linear import SHARED, IntLinear
+
+# Inputs of fewer elements run the norm's own ops and one native quantizer call (by the first reader,
+# shared with the others) where this CPU has it: cheaper than the fused pass's many eager ones.
+NATIVE_BELOW = EAGER_BELOW
 
 # How the norms compute, by kind (their eager forwards, written out so one compiled function serves them all):
 #   "rms"         HF's Llama/Qwen2/Mistral RMSNorm: w * (x / rms(x)).to(dtype)
@@ -133,8 +138,10 @@ class QuantizingNorm(nn.Module):
         if self.active and self._readers_missed():
             self.active = False
         how = first.layout(rows) if self.active else None
-        # Not fused: MSQ without AIFS (each reader looks its rows up), another dtype, a benchmark's replay.
-        if how is None or how[0] == "rows" or x.dtype != first.dtype \
+        # Not fused: MSQ without AIFS (each reader looks its rows up), another dtype, a benchmark's
+        # replay, a small input with the native quantizer (NATIVE_BELOW).
+        small = x.numel() < NATIVE_BELOW and native.quantizes(x.reshape(rows, x.shape[-1]))
+        if how is None or how[0] == "rows" or small or x.dtype != first.dtype \
                 or any(r.path != first.path or r.replay is not None for r in self._readers):
             self._quantized_before = None
             return self.norm(x)

@@ -3,7 +3,9 @@
 - Activation quantizers: static (one scale), two-block (AIFS: one row range on one scale, the rest
   on another), per-row lookup (MSQ without AIFS) and dynamic per-token, each compiled into one
   fused pass (`mquant.runtime.compiling`). With `unsigned` they write code + 128 as uint8 in the
-  same pass: what oneDNN's VNNI path multiplies (u8 × s8) on CPUs without AMX.
+  same pass: what oneDNN's VNNI path multiplies (u8 × s8) on CPUs without AMX. `static_codes`,
+  `two_block_codes`, `row_codes` and `dynamic_codes` run them: the native kernel where this CPU has
+  it (`mquant.runtime.native`: one call, a few µs), else the compiled pass.
 - `Int8Gemm`: y = (q_x · W_qᵀ) · x_scale · w_scale + bias from int8 codes, on the kernel this
   machine measured fastest for the shape (`mquant.runtime.cpu_kernels`): oneDNN's
   `qlinear_pointwise`, `torch._int_mm`, or bf16 on the dequantized weights where no integer kernel
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from mquant.numerics.grid import MIN_SCALE
-from mquant.runtime import cpu_kernels
+from mquant.runtime import cpu_kernels, native
 from mquant.runtime.compiling import compiled, scale_output
 
 
@@ -41,6 +43,34 @@ def quantize_dynamic(x: torch.Tensor, qmax: int, unsigned: bool = False) -> tupl
     """Per-token symmetric: each row's absmax / qmax, as the fake-quant reference computes it."""
     scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_SCALE)
     return quantize_static(x, scale, -qmax - 1, qmax, unsigned), scale
+
+
+def static_codes(x: torch.Tensor, scale: float, scale_t: torch.Tensor, qmin: int, qmax: int,
+                 unsigned: bool) -> torch.Tensor:
+    """`quantize_static` of x [rows, in] on one scale (`scale_t`: the same as a tensor, for the compiled pass)."""
+    if native.quantizes(x):
+        return native.quantize(x, qmin, qmax, unsigned, scale=scale)
+    return compiled(quantize_static)(x, scale_t, qmin, qmax, unsigned)
+
+
+def two_block_codes(x: torch.Tensor, inner: float, outer: float, inner_t: torch.Tensor, outer_t: torch.Tensor,
+                    start: int, stop: int, qmin: int, qmax: int, unsigned: bool) -> torch.Tensor:
+    if native.quantizes(x):
+        return native.quantize(x, qmin, qmax, unsigned, scale=outer, inner=inner, start=start, stop=stop)
+    return compiled(quantize_two_blocks)(x, inner_t, outer_t, start, stop, qmin, qmax, unsigned)
+
+
+def row_codes(x: torch.Tensor, row_scale: torch.Tensor, qmin: int, qmax: int, unsigned: bool) -> torch.Tensor:
+    """Codes on one scale per row (`row_scale` [rows, 1])."""
+    if native.quantizes(x):
+        return native.quantize(x, qmin, qmax, unsigned, row_scale=row_scale.reshape(-1))
+    return compiled(quantize_static)(x, row_scale, qmin, qmax, unsigned)
+
+
+def dynamic_codes(x: torch.Tensor, qmax: int, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if native.quantizes(x):
+        return native.quantize(x, -qmax - 1, qmax, unsigned, dynamic=True, min_scale=MIN_SCALE)
+    return compiled(quantize_dynamic)(x, qmax, unsigned)
 
 
 # -- the GEMM -------------------------------------------------------------------------------------
@@ -111,7 +141,10 @@ class Int8Gemm:
         return y
 
     def rows(self, q: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Row scales cannot enter the kernel (its source scale is one number): a pass over the output."""
+        """Row scales enter the native kernels' epilogue; the others' source scale is one number:
+        there, a pass over the output."""
+        if cpu_kernels.KERNELS[self.kernel_for(q.shape[0], dtype)].row_scales:
+            return self._product(q, row_scale, self.bias, dtype)
         return compiled(scale_output)(self._product(q, 1.0, None, dtype), row_scale, self.bias, dtype)
 
     # -- kernels ----------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from torch import nn
 from mquant.errors import MquantError
 from mquant.numerics.grid import fake_quantize
 from mquant.runtime import int8_ops
-from mquant.runtime.compiling import compiled
 from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
 
 
@@ -145,16 +144,17 @@ class IntLinear(nn.Module):
         # The codes in the encoding the shape's kernel takes (oneDNN's VNNI path: code + 128).
         unsigned = self.gemm.unsigned_input(x2.shape[0], self.dtype)
         if how[0] == "scalar":
-            q = self._quantized(source, x2, how, unsigned, lambda: compiled(int8_ops.quantize_static)(
-                x2, self.text_scale_t, self.qmin, self.qmax, unsigned))
+            q = self._quantized(source, x2, how, unsigned, lambda: int8_ops.static_codes(
+                x2, self.text_scale, self.text_scale_t, self.qmin, self.qmax, unsigned))
             return self.gemm.scalar(q, how[1], self.dtype)
         if how[0] == "block":
             _, start, stop = how
-            q = self._quantized(source, x2, how, unsigned, lambda: compiled(int8_ops.quantize_two_blocks)(
-                x2, self.visual_scale_t, self.text_scale_t, start, stop, self.qmin, self.qmax, unsigned))
+            q = self._quantized(source, x2, how, unsigned, lambda: int8_ops.two_block_codes(
+                x2, self.visual_scale, self.text_scale, self.visual_scale_t, self.text_scale_t, start, stop,
+                self.qmin, self.qmax, unsigned))
             return self.gemm.two_blocks(q, self.visual_scale, self.text_scale, start, stop, self.dtype)
         if how[0] == "dynamic":
-            q, row_scale = self._quantized(source, x2, how, unsigned, lambda: compiled(int8_ops.quantize_dynamic)(
+            q, row_scale = self._quantized(source, x2, how, unsigned, lambda: int8_ops.dynamic_codes(
                 x2, self.qmax, unsigned))
         else:  # a per-row lookup of the two modality scales
             q, row_scale = self._quantized(source, x2, how, unsigned, lambda: self._quantize_rows(x2, how[1], unsigned))
@@ -162,7 +162,7 @@ class IntLinear(nn.Module):
 
     def _quantize_rows(self, x2: torch.Tensor, visual: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
         row_scale = torch.where(visual, self.visual_scale_t, self.text_scale_t)
-        return compiled(int8_ops.quantize_static)(x2, row_scale, self.qmin, self.qmax, unsigned), row_scale
+        return int8_ops.row_codes(x2, row_scale, self.qmin, self.qmax, unsigned), row_scale
 
     def layout(self, rows: int) -> tuple:
         """("scalar", s) | ("block", start, stop) | ("rows", mask) | ("dynamic",) for this call."""
