@@ -443,9 +443,32 @@ def test_small_inputs_skip_the_fused_pass_and_share_one_native_quantization(tiny
     vlm = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
     fake = mquant.load(path)
     sample = synthetic_samples(1, 11)[0]
+    norms = [m for m in vlm.model.modules() if isinstance(m, QuantizingNorm)]
+    rows = {}
+    for norm in norms:
+        norm.register_forward_hook(lambda m, args, out: rows.__setitem__(m, args[0].numel() // args[0].shape[-1]))
     ref, out = fake.logits(sample), vlm.logits(sample)
     assert (out - ref).abs().max() <= 3e-3 * ref.abs().max()
-    norms = [m for m in vlm.model.modules() if isinstance(m, QuantizingNorm)]
     assert norms and all(norm.fused_calls == 0 for norm in norms)
-    for norm in norms:  # one quantization per call of the norm, shared by its readers
-        assert sum(r.quantizations for r in norm._readers) == max(r.calls for r in norm._readers) > 0
+    for norm in norms:  # one call: one quantization per encoding its readers' kernels take, shared
+        encodings = {r.gemm.unsigned_input(rows[norm], r.dtype) for r in norm._readers}
+        assert max(r.calls for r in norm._readers) == 1
+        assert sum(r.quantizations for r in norm._readers) == len(encodings)
+
+
+@needs_native
+@pytest.mark.parametrize("width", [64, 448, 704, 944])  # H_2^m, H_28 ⊗ H_16, H_44 ⊗ H_16, padded to 960
+def test_the_native_online_hadamard_is_the_fast_transform(width):
+    from mquant.runtime.online import NativeHadamard
+    from mquant.transforms.hadamard import FastHadamard, hadamard_spec
+
+    fast = FastHadamard(hadamard_spec(width))
+    wrapped = NativeHadamard.wrap(fast)
+    assert isinstance(wrapped, NativeHadamard)
+    x = torch.randn(37, width + 5, generator=torch.Generator().manual_seed(width))[:, :width]  # strided rows
+    exact = fast.double()(x.double())
+    torch.testing.assert_close(wrapped(x.float()).double(), exact, rtol=0, atol=2e-6 * exact.abs().max().item())
+    y = wrapped(x.bfloat16().reshape(1, 37, width))  # bf16 in, bf16 out: one rounding of the fp32 result
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 37, fast.spec.order)
+    exact = fast.double()(x.bfloat16().double())
+    assert torch.equal(y[0], exact.float().bfloat16()) or (y[0].double() - exact).abs().max() <= 2 ** -8 * exact.abs().max()

@@ -24,6 +24,7 @@ from torch import nn
 from mquant.errors import MquantError
 from mquant.numerics.grid import fake_quantize
 from mquant.runtime import int8_ops
+from mquant.runtime.online import NativeHadamard
 from mquant.runtime.qlinear import CHANNEL0_INT8, QuantLinear
 
 
@@ -93,7 +94,7 @@ class IntLinear(nn.Module):
         if ref.channel0 == "int8":
             self.channel0_input_scale = ref.channel0_input_scale.clone()
         if self.input_transform is not None:
-            self.input_transform = self.input_transform.to(dtype)
+            self.input_transform = NativeHadamard.wrap(self.input_transform.to(dtype))
 
     @classmethod
     def from_quant(cls, ref: QuantLinear, make_gemm, dtype: torch.dtype) -> "IntLinear":

@@ -2,9 +2,9 @@
 
 On a CPU with AVX-512 VNNI they give the integer runtime what no installable package does: a
 product that reads 4-bit weight codes directly (half a byte per weight: what a decode step's time
-is) and multiplies with VNNI, an 8-bit-weight one, and activation quantizers — each one call of a
-few microseconds with no intermediate tensors, where torch's ops cost tens of microseconds per
-call on small layers. Plain C with no torch headers: it compiles in about a second with the C
+is) and multiplies with VNNI, an 8-bit-weight one, activation quantizers and the online Hadamard
+transform as butterflies — each one call of a few microseconds with no intermediate tensors, where
+torch's ops cost tens of microseconds per call on small layers. Plain C with no torch headers: it compiles in about a second with the C
 compiler torch.compile needs anyway, into `$MQUANT_CACHE/native/<source hash>.so` (an atomic
 rename: concurrent builds are harmless). Without a compiler, or on other CPUs, `library()` is None
 and the PyTorch kernels run (same codes, same results within float rounding); MQUANT_NATIVE=0
@@ -36,6 +36,7 @@ SIGNATURES = {
     "mq_gemm_w4": (P, I64, I64, P, P, P, F32, P, P, P, I64, INT),
     "mq_gemm_w8": (P, I64, I64, P, P, P, F32, P, P, P, I64, INT),
     "mq_quantize": (P, INT, I64, I64, I64, F32, F32, I64, I64, P, INT, F32, INT, INT, INT, P),
+    "mq_hadamard": (P, INT, I64, I64, I64, I64, I64, P, F32, P, INT),
 }
 
 
@@ -149,3 +150,19 @@ def quantize(x: torch.Tensor, qmin: int, qmax: int, unsigned: bool, scale: float
                           None if scales is None else scales.data_ptr(), dynamic, min_scale, qmin, qmax,
                           128 if unsigned else 0, out.data_ptr())
     return (out, scales) if dynamic else out
+
+
+# -- online Hadamard -------------------------------------------------------------------------------
+def hadamard_fits(order: int, k: int) -> bool:
+    """Segments of a multiple of 16 (the vector path; smaller ones are faster as torch matmuls)."""
+    return (order // k) % 16 == 0
+
+
+def hadamard(x: torch.Tensor, order: int, hk: torch.Tensor) -> torch.Tensor:
+    """x [rows, n] zero-padded to `order` times H_k ⊗ H_(order/k) / sqrt(order) (`FastHadamard`'s
+    transform; `hk` the k x k factor, fp32 contiguous), computed in fp32, in x's dtype."""
+    rows, n = x.shape
+    out = torch.empty(rows, order, dtype=x.dtype)
+    library().mq_hadamard(x.data_ptr(), x.dtype == torch.bfloat16, rows, n, x.stride(0), order, hk.shape[0],
+                          hk.data_ptr(), order ** -0.5, out.data_ptr(), x.dtype == torch.bfloat16)
+    return out

@@ -16,6 +16,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ROWS_TILE 8 /* activation rows sharing one pass over a weight block */
@@ -163,5 +164,111 @@ void mq_quantize(const void *x, int bf16, int64_t M, int64_t K, int64_t ld, floa
             q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
             _mm512_mask_cvtepi32_storeu_epi8(out + m * K + i, mask, _mm512_add_epi32(_mm512_cvtps_epi32(q), off));
         }
+    }
+}
+
+/* In-place x -> x H_p (Sylvester, p a power of two) on one segment: butterflies, the first four
+ * stages inside each 16-lane vector (a lane and its partner lane ^ h), the others between vectors. */
+static void fwht(float *a, int64_t p) {
+    if (p < 16) {
+        for (int64_t h = 1; h < p; h *= 2)
+            for (int64_t i = 0; i < p; i += 2 * h)
+                for (int64_t j = i; j < i + h; j++) {
+                    float u = a[j], v = a[j + h];
+                    a[j] = u + v, a[j + h] = u - v;
+                }
+        return;
+    }
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t i = 0; i < p; i += 16) {
+        __m512 v = _mm512_loadu_ps(a + i);
+        for (int h = 1; h < 16; h *= 2) {
+            __m512 partner = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(h)), v);
+            __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(h)); /* lanes holding u - v */
+            v = _mm512_mask_sub_ps(_mm512_add_ps(v, partner), upper, partner, v);
+        }
+        _mm512_storeu_ps(a + i, v);
+    }
+    for (int64_t h = 16; h < p; h *= 2)
+        for (int64_t i = 0; i < p; i += 2 * h)
+            for (int64_t j = i; j < i + h; j += 16) {
+                __m512 u = _mm512_loadu_ps(a + j), v = _mm512_loadu_ps(a + j + h);
+                _mm512_storeu_ps(a + j, _mm512_add_ps(u, v));
+                _mm512_storeu_ps(a + j + h, _mm512_sub_ps(u, v));
+            }
+}
+
+/* Outputs o0 .. o0 + outs - 1 (a constant after inlining) of the H_k mixing, 16 positions at a
+ * time: one load of each input segment serves every output of the tile (and each output is its own
+ * dependency chain). */
+#define MIX_TILE 8
+static inline __attribute__((always_inline)) void mix(const float *buf, const float *hk, int64_t k, int64_t p,
+                                                     int64_t o0, int outs, float *mixed) {
+    for (int64_t j = 0; j < p; j += 16) {
+        __m512 acc[MIX_TILE];
+        for (int t = 0; t < outs; t++) acc[t] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < k; i++) {
+            __m512 v = _mm512_loadu_ps(buf + i * p + j);
+            for (int t = 0; t < outs; t++) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(hk[i * k + o0 + t]), v, acc[t]);
+        }
+        for (int t = 0; t < outs; t++) _mm512_storeu_ps(mixed + (o0 + t) * p + j, acc[t]);
+    }
+}
+#define MIX_REST(R)                                                                                            \
+    case R: mix(buf, hk, k, p, o, R, mixed); break;
+
+/* out [rows, order] = (x [rows, n] zero-padded to order) (H_k (x) H_p) * scale, order = k p: each
+ * row viewed as [k, p], H_p on each of the k segments, then H_k across them (hk: k x k, row-major:
+ * out[i'] = sum_i hk[i][i'] seg[i]). In fp32, rounded once to the output dtype. */
+void mq_hadamard(const void *x, int bf16, int64_t rows, int64_t n, int64_t ld, int64_t order, int64_t k,
+                 const float *hk, float scale, void *out, int out_bf16) {
+    const int64_t p = order / k;
+    const int vector = p % 16 == 0;
+    _Pragma("omp parallel if (rows * order > (1 << 15))") {
+        float *buf = (float *)malloc(2 * order * sizeof(float)), *mixed = buf + order;
+        _Pragma("omp for schedule(static)") for (int64_t r = 0; r < rows; r++) {
+            for (int64_t i = 0; i < order; i += 16) {
+                int64_t left = n - i;
+                __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                __m512 v = load16(x, bf16, r * ld + i, mask);
+                if (i + 16 <= order) _mm512_storeu_ps(buf + i, v);
+                else _mm512_mask_storeu_ps(buf + i, (__mmask16)((1u << (order - i)) - 1), v);
+            }
+            for (int64_t s = 0; s < k; s++) fwht(buf + s * p, p);
+            float *src = buf;
+            if (k > 1) {
+                src = mixed;
+                int64_t o = 0;
+                if (vector) {
+                    for (; o + MIX_TILE <= k; o += MIX_TILE) mix(buf, hk, k, p, o, MIX_TILE, mixed);
+                    switch (k - o) {
+                        MIX_REST(7) MIX_REST(6) MIX_REST(5) MIX_REST(4) MIX_REST(3) MIX_REST(2) MIX_REST(1)
+                        default: break;
+                    }
+                } else {
+                    for (; o < k; o++)
+                        for (int64_t j = 0; j < p; j++) {
+                            float acc = 0.0f;
+                            for (int64_t i = 0; i < k; i++) acc += hk[i * k + o] * buf[i * p + j];
+                            mixed[o * p + j] = acc;
+                        }
+                }
+            }
+            const __m512 sv = _mm512_set1_ps(scale);
+            int64_t j = 0;
+            for (; j + 16 <= order; j += 16) store16(out, out_bf16, r * order + j, _mm512_mul_ps(_mm512_loadu_ps(src + j), sv));
+            for (; j < order; j++) {
+                float v = src[j] * scale;
+                if (out_bf16) {
+                    uint32_t b;
+                    memcpy(&b, &v, 4);
+                    b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16; /* round to nearest even (finite values) */
+                    ((uint16_t *)out)[r * order + j] = (uint16_t)b;
+                } else {
+                    ((float *)out)[r * order + j] = v;
+                }
+            }
+        }
+        free(buf);
     }
 }
