@@ -61,3 +61,26 @@ def test_interval_95_matches_the_normal_approximation():
     ci = interval_95(result, {"a": 100, "b": 100})
     assert ci["tasks"] == {"a": 9.8, "b": 5.9}  # 1.96 * sqrt(p (1 - p) / n), in points
     assert ci["average"] == round((9.8 ** 2 + 5.88 ** 2) ** 0.5 / 2, 1)
+
+
+def test_an_interrupted_demo_resumes_where_it_stopped(tmp_path, tiny_dirs, monkeypatch):
+    """Each recipe's rows are saved as they are scored; `resume` reuses those made with the same
+    settings (and only those), and the report says which."""
+    import mquant.demo as demo
+
+    tiny = dataclasses.replace(MODELS["real"], locate=lambda progress: tiny_dirs["llava-dinov2"])
+    monkeypatch.setitem(MODELS, "real", tiny)
+    args = dict(models=["real"], recipes=["rtn-w4a8", "quarot-w4a8"], num_calib=2, limit=2, progress=False)
+    first = run_demo(tmp_path, "fast", **args)["results"]["real"]
+    calls = []
+    original = demo._recipe_rows
+    monkeypatch.setattr(demo, "_recipe_rows", lambda model, path, out, recipe, *a: calls.append(recipe.name) or
+                        original(model, path, out, recipe, *a))
+    (tmp_path / "real" / "rows" / "quarot-w4a8.json").unlink()  # as if interrupted during quarot-w4a8
+    again = run_demo(tmp_path, "fast", resume=True, **args)["results"]["real"]
+    assert calls == ["quarot-w4a8"] and again["resumed"] == ["fp32", "rtn-w4a8"]
+    assert [r["average"] for r in again["rows"]] == [r["average"] for r in first["rows"]]
+    assert "--resume: the rows of fp32, rtn-w4a8 were reused" in again["report"]
+    calls.clear()
+    run_demo(tmp_path, "fast", resume=True, **{**args, "limit": 1})  # other settings: nothing reused
+    assert calls == ["rtn-w4a8", "quarot-w4a8"]

@@ -150,7 +150,7 @@ def cmd_demo(args) -> None:
     mode = "fast" if args.fast else "full" if args.full else "default"
     results = run_demo(args.out, mode, models=_comma_list(args.models) or None,
                        recipes=_comma_list(args.recipes) or None,
-                       num_calib=args.num_calib, limit=args.limit, precision=args.precision)
+                       num_calib=args.num_calib, limit=args.limit, precision=args.precision, resume=args.resume)
     for key, result in results["results"].items():
         integer = f", {result['integer_seconds']:.0f} s of it in the cpu-int8 backend" if result["integer_seconds"] else ""
         print(f"\n{result['title']} ({result['seconds']:.0f} s{integer})\n{result['table']}")
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--fast", action="store_true", help="GPTQ and MQuant, a few test questions (within 3 minutes)")
     d.add_argument("--full", action="store_true", help="every preset and every test question (no time budget)")
+    d.add_argument("--resume", action="store_true",
+                   help="reuse the rows an interrupted run with the same settings left in --out (each recipe's "
+                        "rows are saved as soon as they are scored)")
     d.add_argument("--models", default=None, help="comma-separated: real, embedded (default both)")
     d.add_argument("--recipes", default=None, help="comma-separated recipes instead of the mode's")
     d.add_argument("--num-calib", type=int, default=None, help="calibration samples per recipe (default: the mode's)")

@@ -15,6 +15,7 @@ every test question, no budget). Each report states the 95 % interval its test s
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from mquant import __version__
 from mquant.api import load, quantize, save
 from mquant.errors import MquantError
 from mquant.eval.registry import BENCHMARK
@@ -127,7 +129,7 @@ def recipe_names(mode: str, recipes: list[str] | None = None) -> list[str]:
 
 def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, recipes: list[str] | None = None,
              num_calib: int | None = None, limit: int | None = None, progress: bool = True,
-             precision: str = "bf16") -> dict:
+             precision: str = "bf16", resume: bool = False) -> dict:
     """Every model of `models` (default: both, the real-weights one first) through `mode`."""
     out = Path(out)
     if mode not in MODES:
@@ -144,7 +146,8 @@ def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, 
         model = MODELS[key]
         settings = MODES[mode]
         results[key] = run_model(model, out / key, recipes_, num_calib or settings.num_calib[key],
-                                 limit if limit is not None else settings.limit[key], mode, progress, precision)
+                                 limit if limit is not None else settings.limit[key], mode, progress, precision,
+                                 resume)
     summary = {"mode": mode, "models": keys, "date": utc_now(), "machine": machine_description(),
                "seconds": round(time.perf_counter() - start, 1),
                "seconds_by_model": {k: r["seconds"] for k, r in results.items()},
@@ -155,38 +158,33 @@ def run_demo(out: Path, mode: str = "default", models: list[str] | None = None, 
 
 
 def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int, limit: int | None, mode: str,
-              progress: bool = True, precision: str = "bf16") -> dict:
+              progress: bool = True, precision: str = "bf16", resume: bool = False) -> dict:
     start = time.perf_counter()
     path = model.locate(progress)
     tasks = list(model.tasks)
+    settings = {"model": model.key, "tasks": tasks, "num_calib": num_calib, "limit": limit, "mode": mode,
+                "precision": precision, "mquant": __version__}
     fp = load(path)
-    fp_result = evaluate(fp, tasks, limit=limit, progress=progress, precision=precision)
     timing_batches = [fp.encode([s]) for s in load_calibration(model.calib, TIMING_PROMPTS, seed=1).samples]
-    rows = [_row("fp32", "FP32", fp_result, size_mb(path),
-                 prefill_ms=prefill_ms(load(path, dtype=torch.bfloat16), timing_batches))]
-    integer_seconds = 0.0
-    for recipe in tqdm(recipes, desc=f"{model.key}: recipes", disable=not progress):
+    saved, resumed = _saved_rows(out, "fp32", settings) if resume else None, []
+    if saved is None:
         began = time.perf_counter()
-        vlm = quantize(load(path), recipe, model.calib, num_samples=num_calib, progress=False)
-        quantized = time.perf_counter()
-        result = evaluate(vlm, tasks, limit=limit, progress=False, precision=precision)
-        bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
-        ckpt = save(vlm, out / "checkpoints" / recipe.name)
-        integer_began = time.perf_counter()  # the integer backend's load, kernel choice and prefill timing
-        integer = load(ckpt, backend="cpu-int8") if model.integer else None
-        rows.append(_row(recipe.name, bits, result, size_mb(ckpt), recipe,
-                         prefill_ms(integer, timing_batches) if integer is not None else None))
-        integer_seconds += time.perf_counter() - integer_began
-        if MODES[mode].exports:
-            rows[-1]["export"] = _export_size(ckpt, out / "exports" / recipe.name, natural_scheme(vlm))
-        rows[-1]["seconds"] = {"quantize": round(quantized - began, 1), "total": round(time.perf_counter() - began, 1)}
-        tqdm.write(f"{model.key}: {recipe.name:<22} average {100 * result['average']:.1f} "
-                   f"({rows[-1]['seconds']['total']:.0f} s)")
-        if integer is not None and recipe.name == INTEGER_CHECK:  # the same recipe, run by the integer kernels
-            began = time.perf_counter()
-            result = evaluate(integer, tasks, limit=limit, progress=False)  # its kernels' own numerics
-            rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, size_mb(ckpt), recipe, rows[-1]["prefill_ms"]))
-            integer_seconds += time.perf_counter() - began
+        fp_result = evaluate(fp, tasks, limit=limit, progress=progress, precision=precision)
+        fp_row = _row("fp32", "FP32", fp_result, size_mb(path),
+                      prefill_ms=prefill_ms(load(path, dtype=torch.bfloat16), timing_batches))
+        fp_row["seconds"] = {"total": round(time.perf_counter() - began, 1)}
+        saved = _save_rows(out, "fp32", settings, [fp_row], 0.0, fp_result)
+    else:
+        resumed.append("fp32")
+    fp_result, rows, integer_seconds = saved["fp_result"], list(saved["rows"]), 0.0
+    for recipe in tqdm(recipes, desc=f"{model.key}: recipes", disable=not progress):
+        saved = _saved_rows(out, recipe.name, settings | {"recipe": recipe.model_dump(mode="json")}) if resume else None
+        if saved is None:
+            saved = _recipe_rows(model, path, out, recipe, num_calib, limit, mode, precision, timing_batches, settings)
+        else:
+            resumed.append(recipe.name)
+        rows += saved["rows"]
+        integer_seconds += saved["integer_seconds"]
     diagnostics = _diagnostics(path, model.calib, MODES[mode].diagnostic_samples)
     write_json_atomic(out / "diagnostics.json", diagnostics)
     n_per_task = {t: r["n"] for t, r in fp_result["tasks"].items()}
@@ -195,6 +193,9 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
         "n_per_task": n_per_task, "interval_95": interval_95(fp_result, n_per_task), "num_calib": num_calib,
         "calib": model.calib, "mode": mode, "precision": precision, "date": utc_now(), "machine": machine_description(),
         "seconds": round(time.perf_counter() - start, 1), "integer_seconds": round(integer_seconds, 1),
+        # Rows reused from an interrupted run (`--resume`; each row keeps its own date and seconds), and
+        # the compute time of every row, wherever it ran.
+        "resumed": resumed, "row_seconds": round(sum(r["seconds"]["total"] for r in rows if "seconds" in r), 1),
     }
     names = [r["recipe"] for r in rows]
     results["ablation"] = _ablation_rows(rows) if all(n in names for _, n in ABLATION) else None
@@ -206,6 +207,57 @@ def run_model(model: DemoModel, out: Path, recipes: list[Recipe], num_calib: int
     write_plot(rows, tasks, fp_result["average"], out / "plot.png")
     results["table"] = table
     return results
+
+
+def _recipe_rows(model: DemoModel, path: Path, out: Path, recipe: Recipe, num_calib: int, limit: int | None,
+                 mode: str, precision: str, timing_batches: list[dict], settings: dict) -> dict:
+    """Quantize with `recipe`, score it (and, on the integer model, its cpu-int8 run); saved for `--resume`."""
+    tasks = list(model.tasks)
+    began = time.perf_counter()
+    vlm = quantize(load(path), recipe, model.calib, num_samples=num_calib, progress=False)
+    quantized = time.perf_counter()
+    result = evaluate(vlm, tasks, limit=limit, progress=False, precision=precision)
+    bits = "/".join(recipe.bits_label(p) for p in ("vision", "projector", "language"))
+    ckpt = save(vlm, out / "checkpoints" / recipe.name)
+    integer_began = time.perf_counter()  # the integer backend's load, kernel choice and prefill timing
+    integer = load(ckpt, backend="cpu-int8") if model.integer else None
+    row = _row(recipe.name, bits, result, size_mb(ckpt), recipe,
+               prefill_ms(integer, timing_batches) if integer is not None else None)
+    integer_seconds = time.perf_counter() - integer_began
+    if MODES[mode].exports:
+        row["export"] = _export_size(ckpt, out / "exports" / recipe.name, natural_scheme(vlm))
+    row["seconds"] = {"quantize": round(quantized - began, 1), "total": round(time.perf_counter() - began, 1)}
+    tqdm.write(f"{model.key}: {recipe.name:<22} average {100 * result['average']:.1f} ({row['seconds']['total']:.0f} s)")
+    rows = [row]
+    if integer is not None and recipe.name == INTEGER_CHECK:  # the same recipe, run by the integer kernels
+        began = time.perf_counter()
+        result = evaluate(integer, tasks, limit=limit, progress=False)  # its kernels' own numerics
+        rows.append(_row(f"{recipe.name} (cpu-int8)", bits, result, size_mb(ckpt), recipe, row["prefill_ms"]))
+        integer_seconds += time.perf_counter() - began
+    return _save_rows(out, recipe.name, settings | {"recipe": recipe.model_dump(mode="json")}, rows, integer_seconds)
+
+
+# Each recipe's rows are written as soon as they are scored, with the settings they were made with:
+# `--resume` reuses those whose settings match, so an interrupted `--full` run (hours) goes on where
+# it stopped.
+def _rows_file(out: Path, name: str) -> Path:
+    return out / "rows" / f"{name}.json"
+
+
+def _save_rows(out: Path, name: str, settings: dict, rows: list[dict], integer_seconds: float,
+               fp_result: dict | None = None) -> dict:
+    entry = {"settings": settings, "date": utc_now(), "rows": rows, "integer_seconds": round(integer_seconds, 1),
+             "fp_result": fp_result}
+    write_json_atomic(_rows_file(out, name), entry)
+    return entry
+
+
+def _saved_rows(out: Path, name: str, settings: dict) -> dict | None:
+    try:
+        entry = json.loads(_rows_file(out, name).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("settings") == settings else None
 
 
 def interval_95(result: dict, n_per_task: dict[str, int]) -> dict:
@@ -324,7 +376,9 @@ def _report(model: DemoModel, results: dict, table: str, diagnostics: dict) -> s
     command = "mquant demo" + ("" if results["mode"] == "default" else f" --{results['mode']}")
     text = (
         f"# mquant demo — {model.title}\n\n{model.about}\n\n"
-        f"Ran {results['date']} on {results['machine']} in {results['seconds']:.0f} s (`{command}`)"
+        f"Ran {results['date']} on {results['machine']} in {results['seconds']:.0f} s (`{command}`"
+        + (f" --resume: the rows of {', '.join(results['resumed'])} were reused from the interrupted run before it; "
+           f"all rows together took {results['row_seconds']:.0f} s" if results["resumed"] else "") + ")"
         + (f", {results['integer_seconds']:.0f} s of it in the cpu-int8 backend (loading, choosing kernels, "
            "timing prefills, scoring its row)" if results["integer_seconds"] else "") + ".\n\n"
         f"Scores are % on the test split ({n} questions; 95 % interval about ±{ci['average']} points on the "
