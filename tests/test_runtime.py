@@ -248,16 +248,20 @@ def test_cpu_int8_backend_matches_fake_quant(tiny_dirs, family, recipe, tmp_path
 
 def test_msq_layers_use_the_block_layout_with_aifs_and_row_lookup_without(tiny_dirs, tmp_path_factory):
     from mquant.modality.aifs import disable_aifs
+    from mquant.samples import IMAGE_MARKER, Sample
 
     path = _quantized_dir(tiny_dirs, "qwen2_vl", "mquant-w4a8", tmp_path_factory)
     vlm = mquant.load(path, backend="cpu-int8", dtype=torch.float32)
-    sample = next(s for s in synthetic_samples(4, 3) if s.images)
+    one, other = [s for s in synthetic_samples(6, 3) if s.images][:2]
+    two = Sample("two", [one.images[0], other.images[0]], f"First: {IMAGE_MARKER} then {IMAGE_MARKER}\nSame?", ["no"])
     msq = [m for _, m in int_linears(vlm.model) if m.per_modality]
     assert msq
-    aifs_logits = vlm.logits(sample)
+    aifs_logits = vlm.logits(two)  # interleaved images: AIFS reorders them into one block
     assert {m.last_layout for m in msq} == {"block"}
     disable_aifs(vlm.model, vlm.family.language_model)
-    plain_logits = vlm.logits(sample)
+    vlm.logits(one)  # a single image's tokens are one block already, with or without AIFS
+    assert {m.last_layout for m in msq} == {"block"}
+    plain_logits = vlm.logits(two)
     assert {m.last_layout for m in msq} == {"rows"}
     # The same function, rows in another order: float rounding in the epilogues and attention may move
     # a later layer's input across a rounding boundary (one code step; 1.4e-4 of the largest logit

@@ -8,8 +8,12 @@ integer backend runs every activation variant on the same weights and code path:
     fp32, bf16                the floating-point model (what people run without mquant)
     w4a8-dynamic              per-token dynamic int8 activations (a reduction per row per call)
     w4a8-static               one static scale per linear
-    w4a8-msq                  two static scales, rows looked up (visual and text interleaved)
-    w4a8-msq-aifs             two static scales on the two contiguous blocks AIFS makes
+    w4a8-msq                  two static scales, rows looked up (the cost of visual and text
+                              interleaved without AIFS; forced, the prompt's image is one block)
+    w4a8-msq-aifs             two static scales on the two contiguous blocks AIFS makes (here the
+                              single image's tokens are one block already: no reordering, and
+                              attention keeps its causal path; an interleaved prompt would be
+                              reordered and pay the permuted dense mask)
 
 For each: median over repeats, in one process, of the time inside the decoder stack's linear
 layers (online Hadamard excluded and reported apart; for W4A8, the norms that compute their
@@ -37,7 +41,7 @@ from mquant.models.tokenizer import build_tokenizer, token_ids
 from mquant.models.vlm import VLM
 
 VARIANTS = ("fp32", "bf16", "w4a8-dynamic", "w4a8-static", "w4a8-msq", "w4a8-msq-aifs")
-PATH_OF = {"w4a8-dynamic": "dynamic", "w4a8-static": "static", "w4a8-msq": "auto", "w4a8-msq-aifs": "auto"}
+PATH_OF = {"w4a8-dynamic": "dynamic", "w4a8-static": "static", "w4a8-msq": "rows", "w4a8-msq-aifs": "auto"}
 
 
 @dataclass(frozen=True)

@@ -55,14 +55,16 @@ class ModalityState:
 
     def row_layout(self, rows: int) -> tuple:
         """How the integer runtime lays the two scales over `rows` flattened rows (computed once per
-        forward): ("text",) when no row is visual, ("block", start, stop) when AIFS made the visual
-        rows one contiguous block, otherwise ("rows", [rows, 1] bool mask)."""
+        forward): ("text",) when no row is visual, ("block", start, stop) when the visual rows are
+        one contiguous block (AIFS made them one, or a single image's tokens already are), otherwise
+        ("rows", [rows, 1] bool mask)."""
         if self._layout is None or self._layout[0] != rows:
             self._check_covers(rows)
-            if self.visual_span is not None:
-                layout = ("block", *self.visual_span)
-            elif not bool(self._visual.any()):
+            span = self.visual_span or contiguous_span(self._visual)
+            if span == (0, 0):
                 layout = ("text",)
+            elif span is not None:
+                layout = ("block", *span)
             else:
                 layout = ("rows", self._visual.reshape(rows, 1))
             self._layout = (rows, layout)

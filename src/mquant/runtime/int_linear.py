@@ -10,7 +10,8 @@ How activation scales meet the rows (ALGORITHMS.md §7–8, §14):
 - one static scale, or per-modality scales while no row is visual (decode): `scalar`;
 - per-modality scales after AIFS made the visual rows one block: `two_blocks`;
 - per-modality scales on interleaved rows (MSQ without AIFS), dynamic per-token: `rows`.
-`path` can force a layout for latency comparisons ("dynamic", "static"); "auto" follows the recipe.
+`path` can force a layout for latency comparisons ("dynamic", "static", "rows": the per-row lookup
+even where the visual rows are one block); "auto" follows the recipe.
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ class IntLinear(nn.Module):
             return ("scalar", self.text_scale)
         if how[0] == "block" and how[1] == how[2]:
             return ("scalar", self.text_scale)
+        if how[0] == "block" and self.path == "rows":
+            return ("rows", self.modality.visual.reshape(rows, 1))
         return how
 
     def codes_key(self, shape: tuple, how: tuple, unsigned: bool) -> tuple:
