@@ -130,7 +130,7 @@ def test_native_kernels_step_aside_when_turned_off_or_unbuildable(monkeypatch, t
         native.library.cache_clear()
         monkeypatch.setenv("MQUANT_NATIVE", "1")
         monkeypatch.setenv("CC", "false")  # a compiler that fails
-        if cpu_kernels.cpu_features().avx512_vnni:
+        if native.cpu_features().avx512_vnni:
             with pytest.warns(UserWarning, match="native VNNI kernels are unavailable"):
                 assert native.library() is None
             assert not list(tmp_path.glob("native/*.so"))  # nothing half-built is left to be loaded

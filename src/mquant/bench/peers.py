@@ -197,7 +197,7 @@ def path_runner(path: str, layers: list[Layer]) -> tuple[Callable, list[str]]:
 def run_peers(stacks: list[str] | None = None, rows: list[str] | None = None, paths: tuple[str, ...] = PATHS,
               repeats: int = 5, progress: bool = True) -> dict:
     from mquant.eval.report import machine_description, utc_now
-    from mquant.runtime.cpu_kernels import cpu_features
+    from mquant.runtime.cpu_features import cpu_features
 
     say = print if progress else (lambda *a, **k: None)
     results, skipped = [], {}

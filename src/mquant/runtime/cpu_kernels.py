@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch
 
 from mquant.fileio import cache_root, write_json_atomic
 from mquant.runtime import native
+from mquant.runtime.cpu_features import cpu_features
 from mquant.runtime.compiling import compiled, scale_output
 
 ZERO_POINT_U8 = 128  # unsigned codes are the signed ones plus this
@@ -55,56 +55,6 @@ SCREEN_FACTOR = 20.0  # a candidate this much slower than the best there is drop
 BUDGET_S = 0.05  # timed calls of one candidate stop after this long (at least one, at most REPEATS)
 REPEATS = 3
 TIMED_ROWS = 1024  # larger row buckets are timed at this many rows
-
-
-# -- what the CPU offers ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuFeatures:
-    model: str
-    amx: bool
-    avx512: bool
-    avx512_vnni: bool
-    avx512_bf16: bool
-    avx_vnni: bool
-    avx2: bool
-    arm_dotprod: bool
-
-    def flags(self) -> list[str]:
-        return [name for name in ("amx", "avx512", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx2", "arm_dotprod")
-                if getattr(self, name)]
-
-    def describe(self) -> str:
-        return f"{self.model} ({', '.join(self.flags()) or 'no int8 dot-product instructions'})"
-
-
-def _cpuinfo_flags() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return model, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and value.strip():
-            model = value.strip()
-        elif key in ("flags", "features"):
-            flags |= set(value.split())
-    return model, flags
-
-
-@functools.cache
-def cpu_features() -> CpuFeatures:
-    model, flags = _cpuinfo_flags()
-    cpu = torch.cpu
-    amx = getattr(cpu, "_is_amx_tile_supported", lambda: "amx_tile" in flags)()
-    avx512 = getattr(cpu, "_is_avx512_supported", lambda: "avx512f" in flags)()
-    return CpuFeatures(
-        model=model, amx=bool(amx), avx512=bool(avx512),
-        avx512_vnni="avx512_vnni" in flags or (avx512 and getattr(cpu, "_is_vnni_supported", lambda: False)()),
-        avx512_bf16=bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: "avx512_bf16" in flags)()),
-        avx_vnni="avx_vnni" in flags, avx2=bool(getattr(cpu, "_is_avx2_supported", lambda: "avx2" in flags)()),
-        arm_dotprod="asimddp" in flags)
 
 
 def onednn_available() -> bool:

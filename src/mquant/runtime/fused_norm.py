@@ -18,7 +18,6 @@ as it was.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mquant.numerics.grid import MIN_SCALE

@@ -21,6 +21,7 @@ import torch
 
 from mquant.numerics.grid import MIN_SCALE
 from mquant.runtime import cpu_kernels, native
+from mquant.runtime.cpu_features import cpu_features
 from mquant.runtime.compiling import compiled, scale_output
 
 
@@ -92,7 +93,7 @@ class Int8Gemm:
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, group_size: int | None,
                  bias: torch.Tensor | None, kernel: str = "auto") -> None:
         if kernel == "onednn":
-            kernel = "onednn-s8" if cpu_kernels.cpu_features().amx else "onednn-u8"
+            kernel = "onednn-s8" if cpu_features().amx else "onednn-u8"
         if kernel != "auto" and kernel not in cpu_kernels.KERNELS:
             raise ValueError(f"unknown int8 kernel {kernel!r}; choose from auto, onednn, {', '.join(cpu_kernels.KERNELS)}")
         self.out_features, self.in_features = codes.shape

@@ -4,9 +4,10 @@ On a CPU with AVX-512 VNNI they give the integer runtime what no installable pac
 product that reads 4-bit weight codes directly (half a byte per weight: what a decode step's time
 is) and multiplies with VNNI, an 8-bit-weight one, activation quantizers and the online Hadamard
 transform as butterflies — each one call of a few microseconds with no intermediate tensors, where
-torch's ops cost tens of microseconds per call on small layers. Plain C with no torch headers: it compiles in about a second with the C
-compiler torch.compile needs anyway, into `$MQUANT_CACHE/native/<source hash>.so` (an atomic
-rename: concurrent builds are harmless). Without a compiler, or on other CPUs, `library()` is None
+torch's ops cost tens of microseconds per call on small layers. Plain C with no torch headers: it
+compiles in about a second with the C compiler torch.compile needs anyway, into
+`$MQUANT_CACHE/native/<source hash>.so` (an atomic rename: concurrent builds are harmless); its
+OpenMP is the runtime torch loaded (same soname), so the two share one thread pool. Without a compiler, or on other CPUs, `library()` is None
 and the PyTorch kernels run (same codes, same results within float rounding); MQUANT_NATIVE=0
 turns it off.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mquant.fileio import cache_root
+from mquant.runtime.cpu_features import cpu_features
 
 SOURCE = "vnni.c"
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
@@ -41,8 +43,6 @@ SIGNATURES = {
 
 
 def _supported() -> bool:
-    from mquant.runtime.cpu_kernels import cpu_features  # (cpu_kernels imports this module)
-
     features = cpu_features()
     return os.environ.get("MQUANT_NATIVE", "1") != "0" and features.avx512 and features.avx512_vnni
 
@@ -57,7 +57,8 @@ def _build(source: bytes, target: Path) -> None:
         src.write_bytes(source)
         run = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
         if run.returncode != 0:
-            raise OSError(f"{compiler} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
+            last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit status {run.returncode}"
+            raise OSError(f"{compiler} failed: {last}")
         os.replace(out, target)
 
 
