@@ -68,7 +68,8 @@ class Kernel:
     """`prepare(codes [out, in] int8, w_scale [out] fp32, dtype)` builds the weight state once;
     `run(state, q, x_scale, bias, dtype)` multiplies codes q (uint8 = code + 128 when `unsigned`).
     `fits(in, out, four_bit)`: whether it takes weights of this shape (and code range);
-    `row_scales`: whether `run` also takes x_scale as one scale per row ([rows, 1]) in its epilogue."""
+    `fused_scales`: whether `run` also takes x_scale as one scale per row ([rows, 1]) or as AIFS's
+    (inner, outer, start, stop), applied in its epilogue."""
 
     name: str
     unsigned: bool
@@ -76,7 +77,7 @@ class Kernel:
     run: Callable
     available: Callable[[], bool] = lambda: True
     fits: Callable[[int, int, bool], bool] = lambda k, n, four_bit: True
-    row_scales: bool = False
+    fused_scales: bool = False
 
 
 def _finish(y: torch.Tensor, x_scale: float, bias: torch.Tensor | None) -> torch.Tensor:
@@ -161,10 +162,14 @@ def _vnni_prepare(four_bit: bool):
 
 
 def _vnni_run(weight, q, x_scale, bias, dtype):
-    """`x_scale`: one number, or one per row ([rows, 1] fp32: the epilogue applies it)."""
+    """`x_scale`: one number, one per row ([rows, 1] fp32), or AIFS's (inner, outer, start, stop):
+    the epilogue applies each."""
     out = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
     if isinstance(x_scale, torch.Tensor):
-        y = weight(q, 1.0, bias, out, x_scale.float().contiguous())
+        y = weight(q, 1.0, bias, out, row_scale=x_scale.float().contiguous())
+    elif isinstance(x_scale, tuple):
+        inner, outer, start, stop = x_scale
+        y = weight(q, outer, bias, out, inner=inner, start=start, stop=stop)
     else:
         y = weight(q, x_scale, bias, out)
     return y if out == dtype else y.to(dtype)
@@ -183,9 +188,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("int4pack", False, _int4pack_prepare, _int4pack_run, lambda: hasattr(torch, "_weight_int4pack_mm_for_cpu"),
            fits=lambda k, n, four_bit: four_bit and k % 32 == 0 and n % 16 == 0),
     Kernel("vnni-w4", True, _vnni_prepare(True), _vnni_run, native.available,
-           fits=lambda k, n, four_bit: four_bit and native.fits(k, n, True), row_scales=True),
+           fits=lambda k, n, four_bit: four_bit and native.fits(k, n, True), fused_scales=True),
     Kernel("vnni-w8", True, _vnni_prepare(False), _vnni_run, native.available,
-           fits=lambda k, n, four_bit: native.fits(k, n, False), row_scales=True),
+           fits=lambda k, n, four_bit: native.fits(k, n, False), fused_scales=True),
 )}
 # oneDNN's u8 and s8 paths read the same packed weight.
 STATE_OF = {name: "onednn" if name.startswith("onednn") else name for name in KERNELS}

@@ -127,8 +127,11 @@ class Int8Gemm:
 
     def two_blocks(self, q: torch.Tensor, inner: float, outer: float, start: int, stop: int,
                    dtype: torch.dtype) -> torch.Tensor:
-        """One GEMM on the majority block's scale, then the minority rows rescaled in place: with
-        two contiguous blocks the fix-up touches only the smaller block's rows."""
+        """Kernels with fused scales apply both in their epilogue. Others: one GEMM on the majority
+        block's scale, then the minority rows rescaled in place (two contiguous blocks: the fix-up
+        touches only the smaller block's rows)."""
+        if self._fused_scales(q.shape[0], dtype):
+            return self._product(q, (inner, outer, start, stop), self.bias, dtype)
         rows = q.shape[0]
         inner_major = 2 * (stop - start) >= rows
         y = self._product(q, inner if inner_major else outer, self.bias, dtype)
@@ -142,11 +145,14 @@ class Int8Gemm:
         return y
 
     def rows(self, q: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Row scales enter the native kernels' epilogue; the others' source scale is one number:
-        there, a pass over the output."""
-        if cpu_kernels.KERNELS[self.kernel_for(q.shape[0], dtype)].row_scales:
+        """Kernels with fused scales apply row scales in their epilogue; the others' source scale is
+        one number: there, a pass over the output."""
+        if self._fused_scales(q.shape[0], dtype):
             return self._product(q, row_scale, self.bias, dtype)
         return compiled(scale_output)(self._product(q, 1.0, None, dtype), row_scale, self.bias, dtype)
+
+    def _fused_scales(self, rows: int, dtype: torch.dtype) -> bool:
+        return cpu_kernels.KERNELS[self.kernel_for(rows, dtype)].fused_scales
 
     # -- kernels ----------------------------------------------------------------------------------
     def kernel_for(self, rows: int, dtype: torch.dtype) -> str:

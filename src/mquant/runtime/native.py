@@ -35,8 +35,8 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mav
          "-mavx512vnni")
 P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
-    "mq_gemm_w4": (P, I64, I64, P, P, P, F32, P, P, P, I64, INT),
-    "mq_gemm_w8": (P, I64, I64, P, P, P, F32, P, P, P, I64, INT),
+    "mq_gemm_w4": (P, I64, I64, P, P, P, F32, F32, I64, I64, P, P, P, I64, INT),
+    "mq_gemm_w8": (P, I64, I64, P, P, P, F32, F32, I64, I64, P, P, P, I64, INT),
     "mq_quantize": (P, INT, I64, I64, I64, F32, F32, I64, I64, P, INT, F32, INT, INT, INT, P),
     "mq_hadamard": (P, INT, I64, I64, I64, I64, I64, P, F32, P, INT),
 }
@@ -117,15 +117,17 @@ class PackedWeight:
         self._pointers = (self.packed.data_ptr(), self.corr.data_ptr(), self.w_scale.data_ptr())
 
     def __call__(self, q: torch.Tensor, x_scale: float, bias: torch.Tensor | None, dtype: torch.dtype,
+                 inner: float | None = None, start: int = 0, stop: int = 0,
                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """(q - 128) · Wᵀ · x_scale · w_scale (· row_scale per row) + bias, in fp32 or bf16; `bias` and
-        `row_scale` ([rows] or [rows, 1]) fp32 and contiguous."""
+        """(q - 128) · Wᵀ · s_m · w_scale + bias, in fp32 or bf16, with s_m = `inner` for rows
+        [start, stop) and `x_scale` for the others, times `row_scale` [rows] per row when given;
+        `bias` and `row_scale` fp32 and contiguous."""
         q = q.contiguous()
         rows, k = q.shape
         y = torch.empty(rows, self.out_features, dtype=dtype)
         packed, corr, w_scale = self._pointers
-        self._fn(q.data_ptr(), rows, k, packed, corr, w_scale, x_scale,
-                 None if row_scale is None else row_scale.data_ptr(), None if bias is None else bias.data_ptr(),
+        self._fn(q.data_ptr(), rows, k, packed, corr, w_scale, x_scale, x_scale if inner is None else inner, start,
+                 stop, None if row_scale is None else row_scale.data_ptr(), None if bias is None else bias.data_ptr(),
                  y.data_ptr(), self.out_features, dtype == torch.bfloat16)
         return y
 

@@ -11,8 +11,10 @@
  *   w4: [N/16][K/8][16][4] bytes; byte (n, t) of group g holds code(n, 8g+t) + 8 in its low nibble
  *       and code(n, 8g+4+t) + 8 in its high nibble;
  *   w8: [N/16][K/4][16][4] int8 codes; byte (n, t) of group g is code(n, 4g+t).
- * Epilogue: y = float(acc - corr) * (x_scale * w_scale[n]) + bias[n] -- times row_scale[m] too when
- * given (per-token scales) -- in fp32 or bf16 (round to nearest even, as torch converts).
+ * Epilogue: y = float(acc - corr) * (s_m * w_scale[n]) + bias[n], in fp32 or bf16 (round to nearest
+ * even, as torch converts), with the activation scale s_m of row m: `inner` for rows [start, stop)
+ * and `x_scale` for the others (AIFS's two blocks; start == stop: one scale), times row_scale[m]
+ * when given (per-token scales).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -87,10 +89,18 @@ static inline __attribute__((always_inline)) void block_w8(const uint8_t *x, int
     for (int r = 0; r < rows; r++) acc[r] = _mm512_add_epi32(even[r], odd[r]);
 }
 
-static inline void epilogue(__m512i acc[ROWS_TILE], int rows, __m512i corr, __m512 scale, const float *row_scale,
-                            __m512 bias, void *y, int64_t N, int64_t m0, int64_t n0, int bf16) {
+typedef struct {
+    __m512 outer, inner; /* x_scale * w_scale and inner * w_scale for this block of channels */
+    int64_t start, stop;
+    const float *row_scale;
+} scales_t;
+
+static inline void epilogue(__m512i acc[ROWS_TILE], int rows, __m512i corr, const scales_t *sc, __m512 bias,
+                            void *y, int64_t N, int64_t m0, int64_t n0, int bf16) {
     for (int r = 0; r < rows; r++) {
-        __m512 s = row_scale ? _mm512_mul_ps(_mm512_set1_ps(row_scale[m0 + r]), scale) : scale;
+        const int64_t m = m0 + r;
+        __m512 s = (m >= sc->start && m < sc->stop) ? sc->inner : sc->outer;
+        if (sc->row_scale) s = _mm512_mul_ps(_mm512_set1_ps(sc->row_scale[m]), s);
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], corr)), s);
         store16(y, bf16, (m0 + r) * N + n0, _mm512_add_ps(v, bias));
     }
@@ -100,23 +110,26 @@ static inline void epilogue(__m512i acc[ROWS_TILE], int rows, __m512i corr, __m5
 #define REST(BLOCK, R)                                                                                         \
     case R:                                                                                                    \
         BLOCK(x + m0 * K, K, wb, R, acc);                                                                      \
-        epilogue(acc, R, c, s, row_scale, b, y, N, m0, nb * 16, bf16);                                         \
+        epilogue(acc, R, c, &sc, b, y, N, m0, nb * 16, bf16);                                                      \
         break;
 
 #define GEMM(NAME, BLOCK, WTYPE, GROUP)                                                                         \
     void NAME(const uint8_t *x, int64_t M, int64_t K, const WTYPE *w, const int32_t *corr, const float *w_scale, \
-              float x_scale, const float *row_scale, const float *bias, void *y, int64_t N, int bf16) {         \
+              float x_scale, float inner, int64_t start, int64_t stop, const float *row_scale,                \
+              const float *bias, void *y, int64_t N, int bf16) {                                                \
         const int64_t blocks = N / 16, block_bytes = K / GROUP * 64;                                            \
         _Pragma("omp parallel for schedule(static) if (blocks > 1 && M * K * N > 65536)")                       \
         for (int64_t nb = 0; nb < blocks; nb++) {                                                               \
             const WTYPE *wb = w + nb * block_bytes;                                                             \
             __m512i c = _mm512_loadu_si512(corr + nb * 16), acc[ROWS_TILE];                                     \
-            __m512 s = _mm512_mul_ps(_mm512_set1_ps(x_scale), _mm512_loadu_ps(w_scale + nb * 16));              \
+            __m512 ws = _mm512_loadu_ps(w_scale + nb * 16);                                                     \
+            scales_t sc = {_mm512_mul_ps(_mm512_set1_ps(x_scale), ws), _mm512_mul_ps(_mm512_set1_ps(inner), ws),   \
+                           start, stop, row_scale};                                                             \
             __m512 b = bias ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();                            \
             int64_t m0 = 0;                                                                                     \
             for (; m0 + ROWS_TILE <= M; m0 += ROWS_TILE) {                                                      \
                 BLOCK(x + m0 * K, K, wb, ROWS_TILE, acc);                                                       \
-                epilogue(acc, ROWS_TILE, c, s, row_scale, b, y, N, m0, nb * 16, bf16);                      \
+                epilogue(acc, ROWS_TILE, c, &sc, b, y, N, m0, nb * 16, bf16);                                   \
             }                                                                                                   \
             switch (M - m0) {                                                                                   \
             REST(BLOCK, 7) REST(BLOCK, 6) REST(BLOCK, 5) REST(BLOCK, 4)                                         \
