@@ -7,9 +7,9 @@
   `two_block_codes`, `row_codes` and `dynamic_codes` run them: the native kernel where this CPU has
   it (`mquant.runtime.native`: one call, a few µs), else the compiled pass.
 - `Int8Gemm`: y = (q_x · W_qᵀ) · x_scale · w_scale + bias from int8 codes, on the kernel this
-  machine measured fastest for the shape (`mquant.runtime.cpu_kernels`): oneDNN's
-  `qlinear_pointwise`, `torch._int_mm`, or bf16 on the dequantized weights where no integer kernel
-  beats it. Group-wise weight scales (no fused kernel exists) run one integer product per group.
+  machine measured fastest for the shape (`mquant.runtime.cpu_kernels`): mquant's native VNNI
+  products, oneDNN's `qlinear_pointwise`, `torch._int_mm`, torch's weight-only products, or bf16
+  on the dequantized weights where no integer kernel beats it. Group-wise weight scales (no fused kernel exists) run one integer product per group.
 
 Codes are computed as round(x / scale) (division, not multiplication by 1/scale) so that they are
 the fake-quant reference's codes bit for bit.
