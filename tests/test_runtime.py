@@ -126,7 +126,7 @@ def test_native_kernels_step_aside_when_turned_off_or_unbuildable(monkeypatch, t
     native.library.cache_clear()
     try:
         monkeypatch.setenv("MQUANT_NATIVE", "0")
-        assert native.library() is None and not native.quantizes(torch.zeros(2, 8))
+        assert native.library() is None and not native.takes(torch.zeros(2, 8))
         native.library.cache_clear()
         monkeypatch.setenv("MQUANT_NATIVE", "1")
         monkeypatch.setenv("CC", "false")  # a compiler that fails

@@ -139,7 +139,7 @@ class QuantizingNorm(nn.Module):
         how = first.layout(rows) if self.active else None
         # Not fused: MSQ without AIFS (each reader looks its rows up), another dtype, a benchmark's
         # replay, a small input with the native quantizer (NATIVE_BELOW).
-        small = x.numel() < NATIVE_BELOW and native.quantizes(x.reshape(rows, x.shape[-1]))
+        small = x.numel() < NATIVE_BELOW and native.takes(x.reshape(rows, x.shape[-1]))
         if how is None or how[0] == "rows" or small or x.dtype != first.dtype \
                 or any(r.path != first.path or r.replay is not None for r in self._readers):
             self._quantized_before = None

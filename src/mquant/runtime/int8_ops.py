@@ -49,27 +49,27 @@ def quantize_dynamic(x: torch.Tensor, qmax: int, unsigned: bool = False) -> tupl
 def static_codes(x: torch.Tensor, scale: float, scale_t: torch.Tensor, qmin: int, qmax: int,
                  unsigned: bool) -> torch.Tensor:
     """`quantize_static` of x [rows, in] on one scale (`scale_t`: the same as a tensor, for the compiled pass)."""
-    if native.quantizes(x):
+    if native.takes(x):
         return native.quantize(x, qmin, qmax, unsigned, scale=scale)
     return compiled(quantize_static)(x, scale_t, qmin, qmax, unsigned)
 
 
 def two_block_codes(x: torch.Tensor, inner: float, outer: float, inner_t: torch.Tensor, outer_t: torch.Tensor,
                     start: int, stop: int, qmin: int, qmax: int, unsigned: bool) -> torch.Tensor:
-    if native.quantizes(x):
+    if native.takes(x):
         return native.quantize(x, qmin, qmax, unsigned, scale=outer, inner=inner, start=start, stop=stop)
     return compiled(quantize_two_blocks)(x, inner_t, outer_t, start, stop, qmin, qmax, unsigned)
 
 
 def row_codes(x: torch.Tensor, row_scale: torch.Tensor, qmin: int, qmax: int, unsigned: bool) -> torch.Tensor:
     """Codes on one scale per row (`row_scale` [rows, 1])."""
-    if native.quantizes(x):
+    if native.takes(x):
         return native.quantize(x, qmin, qmax, unsigned, row_scale=row_scale.reshape(-1))
     return compiled(quantize_static)(x, row_scale, qmin, qmax, unsigned)
 
 
 def dynamic_codes(x: torch.Tensor, qmax: int, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if native.quantizes(x):
+    if native.takes(x):
         return native.quantize(x, -qmax - 1, qmax, unsigned, dynamic=True, min_scale=MIN_SCALE)
     return compiled(quantize_dynamic)(x, qmax, unsigned)
 

@@ -133,8 +133,8 @@ class PackedWeight:
 
 
 # -- activation quantizers -------------------------------------------------------------------------
-def quantizes(x: torch.Tensor) -> bool:
-    """Whether the native quantizer takes this input (CPU, fp32 or bf16, rows contiguous)."""
+def takes(x: torch.Tensor) -> bool:
+    """Whether the native quantizer and Hadamard take this input (CPU, fp32 or bf16, 2-D, rows contiguous)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2
             and x.stride(1) == 1 and available())
 

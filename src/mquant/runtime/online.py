@@ -67,6 +67,6 @@ class NativeHadamard(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if native.quantizes(x2):
+        if native.takes(x2):
             return native.hadamard(x2, self.spec.order, self._hk).reshape(*x.shape[:-1], self.spec.order)
         return self.fast(x)
